@@ -1,0 +1,174 @@
+#pragma once
+/// \file
+/// AnyKernelAttention<Scalar>: a layer whose feature map and masking are chosen at run time
+/// from a LayerConfig (for config-driven code and kattn-run). The typed KernelAttention stays
+/// the zero-overhead path; this adds one virtual call per forward.
+
+#include <memory>
+#include <optional>
+#include <stdexcept>
+#include <string>
+
+#include "layer.hpp"
+
+namespace kattn {
+
+namespace detail {
+
+template <typename Scalar>
+class AnyLayerBase {
+ public:
+  virtual ~AnyLayerBase() = default;
+  virtual std::unique_ptr<AnyLayerBase> clone() const = 0;
+  virtual void setWeights(Weights<Scalar> w) = 0;
+  virtual void setProjection(const Matrix<Scalar>& P) = 0;
+  virtual const Matrix<Scalar>& projection() const = 0;
+  virtual const Weights<Scalar>& weights() const = 0;
+  virtual Index outputDim() const = 0;
+  virtual Index numFeatures() const = 0;
+  virtual Tensor<Scalar, 3> forward(const ConstTensorMap<Scalar, 3>& q,
+                                    const ConstTensorMap<Scalar, 3>& v,
+                                    const std::optional<ConstTensorMap<Scalar, 3>>& k,
+                                    const std::optional<ConstTensorMap<Scalar, 2>>& mask,
+                                    bool training) const = 0;
+  virtual StreamingState<Scalar> makeState(Index batch,
+                                           std::optional<StreamingMode> mode) const = 0;
+  virtual Tensor<Scalar, 3> forward(const ConstTensorMap<Scalar, 3>& q,
+                                    const ConstTensorMap<Scalar, 3>& v,
+                                    const std::optional<ConstTensorMap<Scalar, 3>>& k,
+                                    const std::optional<ConstTensorMap<Scalar, 2>>& mask,
+                                    StreamingState<Scalar>& state) const = 0;
+};
+
+template <typename Scalar, typename FeatureMap, typename Masking>
+class AnyLayerImpl final : public AnyLayerBase<Scalar> {
+  using Layer = KernelAttention<Scalar, FeatureMap, Masking>;
+  static constexpr bool kStreams =
+      Masking::causal && !feature_map_traits<FeatureMap>::bidirectional_only;
+
+ public:
+  explicit AnyLayerImpl(const LayerConfig& c) : m_layer(c) {}
+  std::unique_ptr<AnyLayerBase<Scalar>> clone() const override {
+    return std::make_unique<AnyLayerImpl>(*this);
+  }
+  void setWeights(Weights<Scalar> w) override { m_layer.setWeights(std::move(w)); }
+  void setProjection(const Matrix<Scalar>& P) override { m_layer.setProjection(P); }
+  const Matrix<Scalar>& projection() const override { return m_layer.projection(); }
+  const Weights<Scalar>& weights() const override { return m_layer.weights(); }
+  Index outputDim() const override { return m_layer.outputDim(); }
+  Index numFeatures() const override { return m_layer.numFeatures(); }
+  Tensor<Scalar, 3> forward(const ConstTensorMap<Scalar, 3>& q, const ConstTensorMap<Scalar, 3>& v,
+                            const std::optional<ConstTensorMap<Scalar, 3>>& k,
+                            const std::optional<ConstTensorMap<Scalar, 2>>& mask,
+                            bool training) const override {
+    return m_layer.forward(q, v, k, mask, training);
+  }
+  StreamingState<Scalar> makeState(Index batch, std::optional<StreamingMode> mode) const override {
+    if constexpr (kStreams) {
+      return m_layer.makeState(batch, mode);
+    } else {
+      (void)batch;
+      (void)mode;
+      throw std::invalid_argument(noStreamingReason());
+    }
+  }
+  Tensor<Scalar, 3> forward(const ConstTensorMap<Scalar, 3>& q, const ConstTensorMap<Scalar, 3>& v,
+                            const std::optional<ConstTensorMap<Scalar, 3>>& k,
+                            const std::optional<ConstTensorMap<Scalar, 2>>& mask,
+                            StreamingState<Scalar>& state) const override {
+    if constexpr (kStreams) {
+      return m_layer.forward(q, v, k, mask, state);
+    } else {
+      (void)q, (void)v, (void)k, (void)mask, (void)state;
+      throw std::invalid_argument(noStreamingReason());
+    }
+  }
+
+ private:
+  static std::string noStreamingReason() {
+    if (!Masking::causal) {
+      return "cache: a streaming state needs use_causal_windowed = true";
+    }
+    return std::string("feature_transform: ") + FeatureMap::name +
+           " uses whole-sequence statistics and cannot stream";
+  }
+  Layer m_layer;
+};
+
+template <typename Scalar, typename Masking>
+std::unique_ptr<AnyLayerBase<Scalar>> makeAnyLayer(const LayerConfig& c) {
+  const std::string& f = c.feature_transform;
+  if (f == "elu") return std::make_unique<AnyLayerImpl<Scalar, Elu, Masking>>(c);
+  if (f == "relu") return std::make_unique<AnyLayerImpl<Scalar, Relu, Masking>>(c);
+  if (f == "square") return std::make_unique<AnyLayerImpl<Scalar, Square, Masking>>(c);
+  if (f == "exp") return std::make_unique<AnyLayerImpl<Scalar, Exp, Masking>>(c);
+  if (f == "expmod") return std::make_unique<AnyLayerImpl<Scalar, ExpMod, Masking>>(c);
+  if (f == "expplus") return std::make_unique<AnyLayerImpl<Scalar, ExpPlus, Masking>>(c);
+  if (f == "identity") return std::make_unique<AnyLayerImpl<Scalar, Identity, Masking>>(c);
+  throw std::invalid_argument("feature_transform: unknown \"" + f + "\"; valid: " +
+                              featureTransformList());
+}
+
+}  // namespace detail
+
+/**
+ * \brief A kernel attention layer configured entirely at run time: the feature map comes from
+ * `config.feature_transform`, the masking from `config.use_causal_windowed`. Same results as
+ * the typed KernelAttention with the same config (it wraps one).
+ */
+template <typename Scalar>
+class AnyKernelAttention {
+ public:
+  /// \throws std::invalid_argument for an invalid config (SPEC 5).
+  explicit AnyKernelAttention(const LayerConfig& config)
+      : m_config(config),
+        m_impl(config.use_causal_windowed ? detail::makeAnyLayer<Scalar, CausalWindowed>(config)
+                                          : detail::makeAnyLayer<Scalar, Bidirectional>(config)) {}
+  AnyKernelAttention(const AnyKernelAttention& o) : m_config(o.m_config), m_impl(o.m_impl->clone()) {}
+  AnyKernelAttention& operator=(const AnyKernelAttention& o) {
+    m_config = o.m_config;
+    m_impl = o.m_impl->clone();
+    return *this;
+  }
+  AnyKernelAttention(AnyKernelAttention&&) noexcept = default;
+  AnyKernelAttention& operator=(AnyKernelAttention&&) noexcept = default;
+
+  const LayerConfig& config() const { return m_config; }
+  void setWeights(Weights<Scalar> w) { m_impl->setWeights(std::move(w)); }
+  void setProjection(const Matrix<Scalar>& P) { m_impl->setProjection(P); }
+  const Matrix<Scalar>& projection() const { return m_impl->projection(); }
+  const Weights<Scalar>& weights() const { return m_impl->weights(); }
+  Index outputDim() const { return m_impl->outputDim(); }
+  Index numFeatures() const { return m_impl->numFeatures(); }
+
+  /// See KernelAttention::forward. query [B, T, D_q], value [B, S, D_v] -> [B, T, O].
+  Tensor<Scalar, 3> forward(const ConstTensorMap<Scalar, 3>& query,
+                            const ConstTensorMap<Scalar, 3>& value,
+                            const std::optional<ConstTensorMap<Scalar, 3>>& key = std::nullopt,
+                            const std::optional<ConstTensorMap<Scalar, 2>>& attention_mask =
+                                std::nullopt,
+                            bool training = false) const {
+    return m_impl->forward(query, value, key, attention_mask, training);
+  }
+
+  /// See KernelAttention::makeState; throws std::invalid_argument where the layer cannot stream.
+  StreamingState<Scalar> makeState(Index batch,
+                                   std::optional<StreamingMode> mode = std::nullopt) const {
+    return m_impl->makeState(batch, mode);
+  }
+
+  /// See KernelAttention::forward with a state.
+  Tensor<Scalar, 3> forward(const ConstTensorMap<Scalar, 3>& query,
+                            const ConstTensorMap<Scalar, 3>& value,
+                            const std::optional<ConstTensorMap<Scalar, 3>>& key,
+                            const std::optional<ConstTensorMap<Scalar, 2>>& attention_mask,
+                            StreamingState<Scalar>& state) const {
+    return m_impl->forward(query, value, key, attention_mask, state);
+  }
+
+ private:
+  LayerConfig m_config;
+  std::unique_ptr<detail::AnyLayerBase<Scalar>> m_impl;
+};
+
+}  // namespace kattn

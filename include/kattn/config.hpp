@@ -1,0 +1,127 @@
+#pragma once
+/// \file
+/// LayerConfig: every option of the reference layer under its Keras name.
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+
+namespace kattn {
+
+/// Where the causal windowed pass pads a sequence whose length is not a multiple of the chunk.
+enum class Padding { None, Left, Right };
+
+/// Parses the reference's `causal_padding` value: absent (None), "none", "left" or "right".
+inline Padding parsePadding(const std::optional<std::string>& value) {
+  if (!value || *value == "none" || value->empty()) return Padding::None;
+  if (*value == "left") return Padding::Left;
+  if (*value == "right") return Padding::Right;
+  throw std::invalid_argument("causal_padding: expected none, \"left\" or \"right\", got \"" +
+                              *value + "\"");
+}
+
+/// The names `feature_transform` accepts, in the reference's order.
+inline constexpr const char* kFeatureTransforms[] = {"elu",     "relu",   "square",  "exp",
+                                                     "expplus", "expmod", "identity"};
+
+/// Comma-separated list of kFeatureTransforms, for error messages.
+inline std::string featureTransformList() {
+  std::string out;
+  for (const char* name : kFeatureTransforms) out += (out.empty() ? "" : ", ") + std::string(name);
+  return out;
+}
+
+/**
+ * \brief Configuration of a kernel attention layer, named as the reference's Keras config.
+ *
+ * Users map a TF/Keras `get_config()` one to one onto these fields. Defaults are the
+ * reference's. A layer validates its config at construction and keeps it immutable.
+ */
+struct LayerConfig {
+  int num_heads = 1;                         ///< N
+  int key_dim = 64;                          ///< d, per-head size of queries and keys
+  std::optional<int> value_dim;              ///< d_v; defaults to key_dim
+  std::optional<int> output_shape;           ///< O; defaults to the query's last dim
+  bool use_bias = true;                      ///< biases in the four dense projections
+  double dropout = 0.0;                      ///< rate on the attention heads, training only
+  std::string feature_transform = "exp";     ///< one of kFeatureTransforms
+  int num_random_features = 256;             ///< m; m <= 0 means no projection
+  std::int64_t seed = 0;                     ///< fixes the projection (pair [seed, seed+1])
+  bool redraw = false;                       ///< new projection per training-mode forward
+  bool is_short_seq = false;                 ///< softmax over kernel scores (SPEC 3.1)
+  int begin_kernel = 0;                      ///< queries t < K use the softmax part
+  std::optional<double> scale;               ///< defaults to 1/sqrt(key_dim)
+  bool scale_by_length = false;              ///< s_b = s ln(sum mask_b) / ln 512
+  bool use_causal_windowed = false;          ///< causal windowed chunked attention
+  int causal_chunk_length = 1;               ///< C
+  int causal_window_length = 3;              ///< W, in chunks
+  std::optional<double> causal_window_decay; ///< gamma; absent: no decay
+  std::optional<std::string> causal_padding; ///< absent/"none", "left", "right"
+
+  /// d_v as resolved by the reference (value_dim or key_dim).
+  int resolvedValueDim() const { return value_dim ? *value_dim : key_dim; }
+  /// s as resolved by the reference (scale or 1/sqrt(key_dim)).
+  double resolvedScale() const { return scale ? *scale : 1.0 / std::sqrt(double(key_dim)); }
+  /// Whether a random projection is used (num_random_features > 0).
+  bool hasProjection() const { return num_random_features > 0; }
+  /// Feature size: m with a projection, key_dim without.
+  int featureDim() const { return hasProjection() ? num_random_features : key_dim; }
+
+  /// Throws std::invalid_argument naming the first invalid option (SPEC section 5).
+  void validate() const {
+    auto fail = [](const std::string& what) { throw std::invalid_argument(what); };
+    auto positive = [&](const char* name, long long v) {
+      if (v < 1) fail(std::string(name) + ": expected >= 1, got " + std::to_string(v));
+    };
+    positive("num_heads", num_heads);
+    positive("key_dim", key_dim);
+    if (value_dim) positive("value_dim", *value_dim);
+    if (output_shape) positive("output_shape", *output_shape);
+    bool known = false;
+    for (const char* name : kFeatureTransforms) known = known || feature_transform == name;
+    if (!known) {
+      fail("feature_transform: unknown \"" + feature_transform + "\"; valid: " +
+           featureTransformList());
+    }
+    if (!(dropout >= 0.0 && dropout < 1.0)) {
+      fail("dropout: expected a rate in [0, 1), got " + std::to_string(dropout));
+    }
+    if (redraw && !hasProjection()) {
+      fail("redraw: num_random_features is " + std::to_string(num_random_features) +
+           " (no projection), so there is nothing to redraw");
+    }
+    // The reference builds its seed pair as tf.constant([seed, seed + 1]): any seed whose
+    // successor is representable works (int32 pairs when both fit, int64 otherwise).
+    if (seed == std::numeric_limits<std::int64_t>::max()) {
+      fail("seed: the reference draws from the pair [seed, seed + 1], so seed must be below " +
+           std::to_string(std::numeric_limits<std::int64_t>::max()) + ", got " +
+           std::to_string(seed));
+    }
+    if (begin_kernel < 0) fail("begin_kernel: expected >= 0, got " + std::to_string(begin_kernel));
+    if (scale && !std::isfinite(*scale)) fail("scale: expected a finite number");
+    if (use_causal_windowed && is_short_seq) {
+      fail("use_causal_windowed and is_short_seq are mutually exclusive");
+    }
+    if (use_causal_windowed && begin_kernel > 0) {
+      fail("begin_kernel: not supported together with use_causal_windowed (the reference fails "
+           "there too); got begin_kernel = " + std::to_string(begin_kernel));
+    }
+    if (use_causal_windowed) {
+      positive("causal_chunk_length", causal_chunk_length);
+      positive("causal_window_length", causal_window_length);
+    }
+    if (causal_window_decay &&
+        !(*causal_window_decay >= 0.0 && *causal_window_decay <= 1.0)) {
+      std::ostringstream os;
+      os << "causal_window_decay: expected a value in [0, 1], got " << *causal_window_decay;
+      fail(os.str());
+    }
+    parsePadding(causal_padding);
+  }
+};
+
+}  // namespace kattn

@@ -1,0 +1,227 @@
+#pragma once
+/// \file
+/// \private The causal windowed kernel (SPEC 3.3, 3.4, 3.5) on one head, written as a state
+/// machine so that the whole-sequence pass and every kind of streaming run the same code:
+/// the whole pass is a fresh state fed once.
+///
+/// State after chunk c: S_c = sum_{j<W} gamma^j KV_{c-j} (and z likewise). Two regimes:
+/// - no drop (the window covers every chunk, or the reference's recurrent cache): S_c =
+///   gamma S_{c-1} + KV_c, computed over groups of chunks with one masked intra-group product
+///   and one state product per group, so that the work runs through GEMM;
+/// - drop (a window shorter than the sequence): a sliding window over chunk terms kept as
+///   two stacks (the "two-stack" sliding-window aggregation): the newest chunks in a decayed
+///   running sum plus their raw terms, the oldest as decayed suffix sums. Chunks leave the
+///   window without any subtraction, so a window of small values is never polluted by the
+///   rounding residue of large values that left it (a running sum minus the dropped term
+///   loses all digits there, in float32 completely). O(F d_v) per chunk, amortised.
+
+#include <algorithm>
+#include <cmath>
+#include <deque>
+#include <vector>
+
+#include "bidirectional.hpp"
+
+namespace kattn {
+namespace detail {
+
+/// Parameters of the kernel for one call.
+struct CausalParams {
+  Index chunk = 1;       ///< C
+  Index window = 1;      ///< W (only read when drop is set)
+  double gamma = 1.0;    ///< decay per chunk, 1 for none
+  bool drop = false;     ///< keep a ring and drop chunks older than W
+};
+
+/// Running state of one (batch row, head).
+template <typename Scalar>
+struct CausalHeadState {
+  Matrix<Scalar> kv;                    ///< [F, d_v] decayed sum of the newest chunks (all of
+                                        ///< them without drop)
+  Vector<Scalar> z;                     ///< [F] the same for key features
+  std::deque<Matrix<Scalar>> ring_kv;   ///< raw terms KV_c of the chunks in kv (drop only)
+  std::deque<Vector<Scalar>> ring_z;    ///< raw terms z_c
+  std::vector<Matrix<Scalar>> front_kv; ///< decayed suffix sums of the older chunks (drop only)
+  std::vector<Vector<Scalar>> front_z;
+  std::size_t front_pos = 0;            ///< first front entry still inside the window
+
+  void reset(Index F, Index dv) {
+    kv.setZero(F, dv);
+    z.setZero(F);
+    ring_kv.clear();
+    ring_z.clear();
+    front_kv.clear();
+    front_z.clear();
+    front_pos = 0;
+  }
+
+  /// Chunks currently inside the window (drop regime).
+  std::size_t windowChunks() const { return front_kv.size() - front_pos + ring_kv.size(); }
+
+  /// The window sum S (and its z) of the last chunk: kv plus the decayed older suffix.
+  void windowSum(Scalar gamma, Matrix<Scalar>& s_kv, Vector<Scalar>& s_z) const {
+    s_kv = kv;
+    s_z = z;
+    if (front_pos < front_kv.size()) {
+      const Scalar g = std::pow(gamma, Scalar(ring_kv.size()));
+      s_kv += g * front_kv[front_pos];
+      s_z += g * front_z[front_pos];
+    }
+  }
+
+  /// Drops the oldest chunk of the window, moving the newest chunks to the front first when
+  /// the front is used up.
+  void dropOldest(Scalar gamma) {
+    if (front_pos == front_kv.size()) {
+      const std::size_t n = ring_kv.size();
+      front_kv.resize(n);
+      front_z.resize(n);
+      // front[k] = sum_{j >= k} gamma^(n-1-j) term_j: weights relative to the newest chunk.
+      Scalar weight = Scalar(1);
+      for (std::size_t k = n; k-- > 0;) {
+        front_kv[k] = weight * ring_kv[k];
+        front_z[k] = weight * ring_z[k];
+        if (k + 1 < n) {
+          front_kv[k] += front_kv[k + 1];
+          front_z[k] += front_z[k + 1];
+        }
+        weight *= gamma;
+      }
+      front_pos = 0;
+      ring_kv.clear();
+      ring_z.clear();
+      kv.setZero();
+      z.setZero();
+    }
+    ++front_pos;
+  }
+
+  /// Multiplies every stored sum by `factor` (the exp maps' running-maximum rescale).
+  void rescale(Scalar factor) {
+    kv *= factor;
+    z *= factor;
+    for (auto& m : ring_kv) m *= factor;
+    for (auto& v : ring_z) v *= factor;
+    for (auto& m : front_kv) m *= factor;
+    for (auto& v : front_z) v *= factor;
+  }
+};
+
+/// Rows per group in the no-drop regime: whole chunks, about 64 rows, where the intra-group
+/// product L (F + d_v) per row balances the state product 2 F d_v per row.
+inline Index groupRows(Index chunk) {
+  const Index target = 64;
+  return chunk >= target ? chunk : chunk * ((target + chunk - 1) / chunk);
+}
+
+/// Readout and state update for a group of whole chunks, rows [0, L); `chunk_of[r]` is the
+/// group-local chunk of row r (non-decreasing, from 0). No drop.
+template <typename Scalar>
+void causalGroup(const CausalParams& p, CausalHeadState<Scalar>& st, const ConstBlock<Scalar>& qf,
+                 const ConstBlock<Scalar>& kf, const ConstBlock<Scalar>& v,
+                 const std::vector<Index>& chunk_of, Block<Scalar> out) {
+  const Index L = qf.rows();
+  const Index n_chunks = L ? chunk_of[L - 1] + 1 : 0;
+  const Scalar gamma = Scalar(p.gamma);
+  const bool decays = p.gamma != 1.0;
+
+  Matrix<Scalar> scores = qf * kf.transpose();  // [L, L]
+  for (Index t = 0; t < L; ++t) {
+    for (Index s = 0; s < L; ++s) {
+      const Index dc = chunk_of[t] - chunk_of[s];
+      if (dc < 0) {
+        scores(t, s) = Scalar(0);
+      } else if (decays) {
+        scores(t, s) *= std::pow(gamma, Scalar(dc));
+      }
+    }
+  }
+  Vector<Scalar> den = qf * st.z;
+  out.noalias() = qf * st.kv;
+  if (decays) {
+    for (Index t = 0; t < L; ++t) {
+      const Scalar g = std::pow(gamma, Scalar(chunk_of[t] + 1));
+      den(t) *= g;
+      out.row(t) *= g;
+    }
+  }
+  out.noalias() += scores * v;
+  den += scores.rowwise().sum();
+  den.array() += Scalar(kNormaliserEps);
+  out = (out.array().colwise() / den.array()).matrix();
+
+  if (decays) {
+    const Scalar g_all = std::pow(gamma, Scalar(n_chunks));
+    st.kv *= g_all;
+    st.z *= g_all;
+    Matrix<Scalar> wk = kf;
+    for (Index s = 0; s < L; ++s) {
+      wk.row(s) *= std::pow(gamma, Scalar(n_chunks - 1 - chunk_of[s]));
+    }
+    st.kv.noalias() += wk.transpose() * v;
+    st.z += wk.colwise().sum().transpose();
+  } else {
+    st.kv.noalias() += kf.transpose() * v;
+    st.z += kf.colwise().sum().transpose();
+  }
+}
+
+/// One chunk in the drop regime: drop the chunk W back, add this chunk, read out.
+template <typename Scalar>
+void causalDropChunk(const CausalParams& p, CausalHeadState<Scalar>& st,
+                     const ConstBlock<Scalar>& qf, const ConstBlock<Scalar>& kf,
+                     const ConstBlock<Scalar>& v, Block<Scalar> out) {
+  const Scalar gamma = Scalar(p.gamma);
+  if (Index(st.windowChunks()) >= p.window) st.dropOldest(gamma);
+  Matrix<Scalar> kv_c = kf.transpose() * v;
+  Vector<Scalar> z_c = kf.colwise().sum().transpose();
+  st.kv = gamma * st.kv + kv_c;
+  st.z = gamma * st.z + z_c;
+  st.ring_kv.push_back(std::move(kv_c));
+  st.ring_z.push_back(std::move(z_c));
+  Matrix<Scalar> s_kv;
+  Vector<Scalar> s_z;
+  st.windowSum(gamma, s_kv, s_z);
+  const Vector<Scalar> den = (qf * s_z).array() + Scalar(kNormaliserEps);
+  out.noalias() = qf * s_kv;
+  out = (out.array().colwise() / den.array()).matrix();
+}
+
+/**
+ * Feeds rows [0, L) to the state; the first chunk of the call has C - lead rows (lead > 0 for
+ * left padding: those rows are zero and add nothing); a last chunk may be short (right
+ * padding). out [L, d_v] receives the attention of every row.
+ */
+template <typename Scalar>
+void causalProcess(const CausalParams& p, CausalHeadState<Scalar>& st,
+                   const ConstBlock<Scalar>& qf, const ConstBlock<Scalar>& kf,
+                   const ConstBlock<Scalar>& v, Index lead, Block<Scalar> out) {
+  const Index L = qf.rows();
+  const Index C = p.chunk;
+  Index r = 0;
+  std::vector<Index> chunk_of;
+  while (r < L) {
+    if (p.drop) {
+      const Index len = std::min(L - r, (r == 0 ? C - lead : C));
+      causalDropChunk<Scalar>(p, st, qf.middleRows(r, len), kf.middleRows(r, len), v.middleRows(r, len),
+                      out.middleRows(r, len));
+      r += len;
+      continue;
+    }
+    // A group of whole chunks of about groupRows(C) rows.
+    const Index target = groupRows(C);
+    chunk_of.clear();
+    Index len = 0, c = 0;
+    while (r + len < L && len < target) {
+      const Index clen = std::min(L - r - len, (r + len == 0 ? C - lead : C));
+      chunk_of.insert(chunk_of.end(), clen, c++);
+      len += clen;
+    }
+    causalGroup<Scalar>(p, st, qf.middleRows(r, len), kf.middleRows(r, len), v.middleRows(r, len),
+                chunk_of, out.middleRows(r, len));
+    r += len;
+  }
+}
+
+}  // namespace detail
+}  // namespace kattn

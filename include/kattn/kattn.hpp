@@ -1,0 +1,12 @@
+#pragma once
+/// \file
+/// The whole public API of kattn (except io/, which needs nlohmann/json), in dependency order.
+
+#include "tensor.hpp"
+#include "config.hpp"
+#include "feature_maps.hpp"
+#include "projection.hpp"
+#include "masking.hpp"
+#include "streaming.hpp"
+#include "layer.hpp"
+#include "any_layer.hpp"

@@ -1,0 +1,280 @@
+#pragma once
+/// \file
+/// StreamingState: the decode cache of a causal layer (SPEC 3.4, 3.5), with save and restore.
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <istream>
+#include <limits>
+#include <ostream>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "detail/causal.hpp"
+#include "tensor.hpp"
+
+namespace kattn {
+
+/// How a StreamingState advances.
+enum class StreamingMode {
+  /// The reference's cache: every call is one chunk, whatever C is; the window is ignored;
+  /// state <- gamma state + call (gamma = causal_window_decay, or 1 when none is configured).
+  Recurrent,
+  /// Reproduces the whole-sequence causal windowed pass for any C, W and decay: calls hold
+  /// whole chunks, and a ring of the last W chunk terms drops chunks that leave the window.
+  Exact,
+};
+
+template <typename Scalar, typename FeatureMap, typename Masking>
+class KernelAttention;
+
+/**
+ * \brief Per (batch row, head) state of causal attention across calls.
+ *
+ * Made by `KernelAttention::makeState`, then passed to `forward` once per call. Holds, per
+ * (b, n), the window sum KV [F, d_v] and z [F], in exact mode the last W chunk terms
+ * (memory up to W F (d_v + 1) scalars per head once W chunks have been seen), and for the exp
+ * maps the running maximum of key logits per batch row (the state is kept relative to it).
+ * `save`/`load` round-trip it byte for byte.
+ */
+template <typename Scalar>
+class StreamingState {
+ public:
+  StreamingState() = default;
+
+  /// A fresh state for `batch` rows of a layer with `heads` heads, `features` features and
+  /// `value_dim` values per head; chunk, window and gamma are the layer's, recorded so that a
+  /// state is never fed to a layer that would read it differently.
+  StreamingState(Index batch, Index heads, Index features, Index value_dim, StreamingMode mode,
+                 Index chunk, Index window, double gamma)
+      : m_batch(batch), m_heads(heads), m_features(features), m_value_dim(value_dim),
+        m_mode(mode), m_chunk(chunk), m_window(window), m_gamma(gamma) {
+    if (batch < 0 || heads < 1 || features < 1 || value_dim < 1) {
+      throw std::invalid_argument("StreamingState: invalid sizes (batch " + std::to_string(batch) +
+                                  ", heads " + std::to_string(heads) + ", features " +
+                                  std::to_string(features) + ", value_dim " +
+                                  std::to_string(value_dim) + ")");
+    }
+    reset();
+  }
+
+  /// Back to the state before any token, keeping the sizes and mode.
+  void reset() {
+    m_state.assign(std::size_t(m_batch * m_heads), detail::CausalHeadState<Scalar>());
+    for (auto& h : m_state) h.reset(m_features, m_value_dim);
+    m_key_shift.assign(std::size_t(m_batch), -std::numeric_limits<Scalar>::infinity());
+    m_tokens = 0;
+    m_finished = false;
+  }
+
+  Index batch() const { return m_batch; }
+  Index heads() const { return m_heads; }
+  Index features() const { return m_features; }
+  Index valueDim() const { return m_value_dim; }
+  StreamingMode mode() const { return m_mode; }
+  /// Tokens fed so far (per batch row).
+  Index tokens() const { return m_tokens; }
+
+  /// The reference's cache tensor `kv` [B, N, d_v, F] (in exact mode: the window sum of the
+  /// last chunk).
+  Tensor<Scalar, 4> kv() const {
+    Tensor<Scalar, 4> out(m_batch, m_heads, m_value_dim, m_features);
+    Matrix<Scalar> s_kv;
+    Vector<Scalar> s_z;
+    for (Index b = 0; b < m_batch; ++b)
+      for (Index n = 0; n < m_heads; ++n) {
+        head(b, n).windowSum(Scalar(m_gamma), s_kv, s_z);
+        for (Index j = 0; j < m_value_dim; ++j)
+          for (Index f = 0; f < m_features; ++f) out(b, n, j, f) = s_kv(f, j);
+      }
+    return out;
+  }
+
+  /// The reference's cache tensor `k_sum` [B, N, F].
+  Tensor<Scalar, 3> kSum() const {
+    Tensor<Scalar, 3> out(m_batch, m_heads, m_features);
+    Matrix<Scalar> s_kv;
+    Vector<Scalar> s_z;
+    for (Index b = 0; b < m_batch; ++b)
+      for (Index n = 0; n < m_heads; ++n) {
+        head(b, n).windowSum(Scalar(m_gamma), s_kv, s_z);
+        for (Index f = 0; f < m_features; ++f) out(b, n, f) = s_z(f);
+      }
+    return out;
+  }
+
+  /**
+   * Loads the reference's cache tensors (recurrent mode only): kv [B, N, d_v, F] and
+   * k_sum [B, N, F]. For the exp maps the values are taken as unshifted (shift 0).
+   * \throws std::invalid_argument on a shape mismatch or in exact mode.
+   */
+  void setCache(const ConstTensorMap<Scalar, 4>& kv, const ConstTensorMap<Scalar, 3>& k_sum) {
+    if (m_mode != StreamingMode::Recurrent) {
+      throw std::invalid_argument(
+          "StreamingState::setCache: the reference's cache tensors describe a recurrent state; "
+          "this state is in exact mode");
+    }
+    checkShape<4>("cache/kv", kv.dimensions(), {m_batch, m_heads, m_value_dim, m_features});
+    checkShape<3>("cache/k_sum", k_sum.dimensions(), {m_batch, m_heads, m_features});
+    for (Index b = 0; b < m_batch; ++b) {
+      m_key_shift[std::size_t(b)] = Scalar(0);
+      for (Index n = 0; n < m_heads; ++n) {
+        auto& h = head(b, n);
+        for (Index j = 0; j < m_value_dim; ++j)
+          for (Index f = 0; f < m_features; ++f) h.kv(f, j) = kv(b, n, j, f);
+        for (Index f = 0; f < m_features; ++f) h.z(f) = k_sum(b, n, f);
+      }
+    }
+  }
+
+  /// Writes the whole state (sizes, mode, layer parameters, sums, ring, shifts) as bytes.
+  void save(std::ostream& os) const {
+    os.write(kMagic, sizeof(kMagic));
+    putInt(os, sizeof(Scalar));
+    for (std::int64_t v : {std::int64_t(m_batch), std::int64_t(m_heads),
+                           std::int64_t(m_features), std::int64_t(m_value_dim),
+                           std::int64_t(m_mode), std::int64_t(m_chunk), std::int64_t(m_window),
+                           std::int64_t(m_tokens), std::int64_t(m_finished)})
+      putInt(os, v);
+    putRaw(os, &m_gamma, 1);
+    putRaw(os, m_key_shift.data(), m_key_shift.size());
+    for (const auto& h : m_state) {
+      putRaw(os, h.kv.data(), std::size_t(h.kv.size()));
+      putRaw(os, h.z.data(), std::size_t(h.z.size()));
+      putTerms(os, h.ring_kv, h.ring_z);
+      putTerms(os, h.front_kv, h.front_z);
+      putInt(os, std::int64_t(h.front_pos));
+    }
+    if (!os) throw std::runtime_error("StreamingState::save: write failed");
+  }
+
+  /// Reads a state written by `save`. Sizes are checked before anything is allocated from them.
+  /// \throws std::runtime_error on a truncated, foreign or inconsistent stream.
+  static StreamingState load(std::istream& is) {
+    char magic[sizeof(kMagic)];
+    is.read(magic, sizeof(magic));
+    if (!is || std::memcmp(magic, kMagic, sizeof(kMagic)) != 0) {
+      throw std::runtime_error("StreamingState::load: not a kattn streaming state");
+    }
+    if (getInt(is) != std::int64_t(sizeof(Scalar))) {
+      throw std::runtime_error("StreamingState::load: saved with another scalar type");
+    }
+    StreamingState s;
+    const std::int64_t B = getInt(is), N = getInt(is), F = getInt(is), V = getInt(is);
+    const std::int64_t mode = getInt(is), chunk = getInt(is), window = getInt(is);
+    const std::int64_t tokens = getInt(is), finished = getInt(is);
+    constexpr std::int64_t kMaxDim = std::int64_t(1) << 24;
+    if (B < 0 || N < 1 || F < 1 || V < 1 || B > kMaxDim || N > kMaxDim || F > kMaxDim ||
+        V > kMaxDim || (mode != 0 && mode != 1) || chunk < 1 || window < 1 || tokens < 0) {
+      throw std::runtime_error("StreamingState::load: corrupt header");
+    }
+    // Never allocate more than the stream can hold: check the remaining length first.
+    const std::int64_t per_head = F * V + F;
+    const auto here = is.tellg();
+    if (here != std::istream::pos_type(-1)) {
+      is.seekg(0, std::ios::end);
+      const std::int64_t remaining = std::int64_t(is.tellg() - here);
+      is.seekg(here);
+      if (double(B) * double(N) * double(per_head) * sizeof(Scalar) > double(remaining)) {
+        throw std::runtime_error("StreamingState::load: truncated stream");
+      }
+    }
+    double gamma = 0;
+    getRaw(is, &gamma, 1);
+    s = StreamingState(B, N, F, V, StreamingMode(mode), chunk, window, gamma);
+    s.m_tokens = tokens;
+    s.m_finished = finished != 0;
+    getRaw(is, s.m_key_shift.data(), s.m_key_shift.size());
+    for (auto& h : s.m_state) {
+      getRaw(is, h.kv.data(), std::size_t(h.kv.size()));
+      getRaw(is, h.z.data(), std::size_t(h.z.size()));
+      getTerms(is, h.ring_kv, h.ring_z, F, V, window);
+      getTerms(is, h.front_kv, h.front_z, F, V, window);
+      const std::int64_t pos = getInt(is);
+      if (pos < 0 || pos > std::int64_t(h.front_kv.size()) || std::int64_t(h.windowChunks()) > window) {
+        throw std::runtime_error("StreamingState::load: corrupt window");
+      }
+      h.front_pos = std::size_t(pos);
+    }
+    return s;
+  }
+
+  /// `save` into a byte string.
+  std::string toBytes() const {
+    std::ostringstream os(std::ios::binary);
+    save(os);
+    return os.str();
+  }
+
+  /// `load` from a byte string.
+  static StreamingState fromBytes(const std::string& bytes) {
+    std::istringstream is(bytes, std::ios::binary);
+    return load(is);
+  }
+
+ private:
+  template <typename, typename, typename>
+  friend class KernelAttention;
+
+  static constexpr char kMagic[8] = {'K', 'A', 'T', 'T', 'N', 'S', 'T', '1'};
+
+  static void putInt(std::ostream& os, std::int64_t v) { putRaw(os, &v, 1); }
+  template <typename KvList, typename ZList>
+  static void putTerms(std::ostream& os, const KvList& kv, const ZList& z) {
+    putInt(os, std::int64_t(kv.size()));
+    for (std::size_t i = 0; i < kv.size(); ++i) {
+      putRaw(os, kv[i].data(), std::size_t(kv[i].size()));
+      putRaw(os, z[i].data(), std::size_t(z[i].size()));
+    }
+  }
+  template <typename KvList, typename ZList>
+  static void getTerms(std::istream& is, KvList& kv, ZList& z, std::int64_t F, std::int64_t V,
+                       std::int64_t window) {
+    const std::int64_t n = getInt(is);
+    if (n < 0 || n > window) throw std::runtime_error("StreamingState::load: corrupt window");
+    kv.resize(std::size_t(n));
+    z.resize(std::size_t(n));
+    for (std::size_t i = 0; i < std::size_t(n); ++i) {
+      kv[i].resize(F, V);
+      z[i].resize(F);
+      getRaw(is, kv[i].data(), std::size_t(kv[i].size()));
+      getRaw(is, z[i].data(), std::size_t(z[i].size()));
+    }
+  }
+  static std::int64_t getInt(std::istream& is) {
+    std::int64_t v = 0;
+    getRaw(is, &v, 1);
+    return v;
+  }
+  template <typename T>
+  static void putRaw(std::ostream& os, const T* p, std::size_t n) {
+    os.write(reinterpret_cast<const char*>(p), std::streamsize(n * sizeof(T)));
+  }
+  template <typename T>
+  static void getRaw(std::istream& is, T* p, std::size_t n) {
+    is.read(reinterpret_cast<char*>(p), std::streamsize(n * sizeof(T)));
+    if (!is) throw std::runtime_error("StreamingState::load: truncated stream");
+  }
+
+  detail::CausalHeadState<Scalar>& head(Index b, Index n) {
+    return m_state[std::size_t(b * m_heads + n)];
+  }
+  const detail::CausalHeadState<Scalar>& head(Index b, Index n) const {
+    return m_state[std::size_t(b * m_heads + n)];
+  }
+
+  Index m_batch = 0, m_heads = 1, m_features = 1, m_value_dim = 1;
+  StreamingMode m_mode = StreamingMode::Exact;
+  Index m_chunk = 1, m_window = 1;
+  double m_gamma = 1.0;
+  std::vector<detail::CausalHeadState<Scalar>> m_state;
+  std::vector<Scalar> m_key_shift;   // running max of key logits per batch row (exp maps)
+  Index m_tokens = 0;
+  bool m_finished = false;           // a call ended inside a chunk (right padding)
+};
+
+}  // namespace kattn

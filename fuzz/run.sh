@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Builds kattn's libFuzzer targets with clang and runs each for DURATION seconds.
+#
+#   fuzz/run.sh DURATION [CASES_DIR]
+#
+# CASES_DIR (default: $KATTN_CASES_DIR, else ../shared/cases beside the repository) holds
+# the golden *.safetensors files used as seeds, together with the committed regression
+# corpus fuzz/corpus/<target>/ (target name without the fuzz_ prefix). New inputs found
+# during the run go to a scratch corpus in the build folder, not into the repository; crash
+# reproducers go to $BUILD/artifacts/. Exits non-zero when a fuzzer finds a crash, a leak,
+# a timeout or an out-of-memory, or when the build fails.
+#
+# Environment: KATTN_FUZZ_BUILD_DIR (default: <repo>/build-fuzz), CXX (default: clang++),
+# KATTN_FUZZ_JOBS (build parallelism, default 2), KATTN_FUZZ_MAX_LEN (largest input tried,
+# default 65536: the golden seeds reach 1.1 MB, mostly tensor data, and mutating the whole
+# of such inputs costs about 40% of the executions per second for less coverage; bigger
+# seeds are truncated, which still exercises the header and the smaller files' data),
+# KATTN_FUZZ_ARGS (extra libFuzzer flags).
+set -euo pipefail
+
+if [[ $# -lt 1 || $# -gt 2 || ! $1 =~ ^[0-9]+$ ]]; then
+  echo "usage: $0 DURATION_SECONDS [CASES_DIR]" >&2
+  exit 2
+fi
+duration=$1
+fuzz_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(dirname "$fuzz_dir")
+cases=${2:-${KATTN_CASES_DIR:-$repo/../shared/cases}}
+build=${KATTN_FUZZ_BUILD_DIR:-$repo/build-fuzz}
+cxx=${CXX:-clang++}
+
+cmake -S "$fuzz_dir" -B "$build" -DCMAKE_CXX_COMPILER="$cxx" -DCMAKE_BUILD_TYPE=RelWithDebInfo
+cmake --build "$build" -j "${KATTN_FUZZ_JOBS:-2}"
+
+status=0
+for src in "$fuzz_dir"/fuzz_*.cpp; do
+  target=$(basename "$src" .cpp)
+  topic=${target#fuzz_}
+  binary="$build/$target"
+  [[ -x $binary ]] || { echo "run.sh: $binary was not built" >&2; exit 1; }
+
+  # Scratch corpus: committed regression inputs plus the golden files as seeds.
+  work="$build/corpus/$topic"
+  mkdir -p "$work" "$build/artifacts"
+  if [[ -d $fuzz_dir/corpus/$topic ]]; then
+    cp -f "$fuzz_dir/corpus/$topic"/* "$work"/ 2>/dev/null || true
+  fi
+  if [[ $topic == safetensors ]]; then
+    if compgen -G "$cases/*.safetensors" >/dev/null; then
+      cp -f "$cases"/*.safetensors "$work"/
+    else
+      echo "run.sh: no seeds in $cases (pass CASES_DIR); using the committed corpus only" >&2
+    fi
+  fi
+  dict=()
+  [[ -f $fuzz_dir/$topic.dict ]] && dict=(-dict="$fuzz_dir/$topic.dict")
+
+  echo "== $target for ${duration}s, corpus $work"
+  # shellcheck disable=SC2086
+  if ! "$binary" "$work" "${dict[@]}" -max_total_time="$duration" -timeout=10 \
+        -max_len="${KATTN_FUZZ_MAX_LEN:-65536}" -rss_limit_mb=2048 -print_final_stats=1 \
+        -artifact_prefix="$build/artifacts/$target-" ${KATTN_FUZZ_ARGS:-}; then
+    echo "run.sh: $target FAILED; reproducers in $build/artifacts/" >&2
+    status=1
+  fi
+done
+exit $status

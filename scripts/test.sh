@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The test command of the README (and of .ci/run): installs what is missing, then builds and
+# runs the whole suite twice:
+#   1. g++, warnings as errors, AddressSanitizer + UndefinedBehaviorSanitizer;
+#   2. clang++, warnings as errors, optimised, plus the installed-package consumer test.
+# KATTN_TEST_JOBS sets the build parallelism (default: number of cores).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+bash scripts/install-deps.sh
+jobs=${KATTN_TEST_JOBS:-$(nproc)}
+shared=${KATTN_SHARED_DIR:-$(cd .. && pwd)/shared}
+
+run_suite() {  # name compiler extra-cmake-args...
+  local dir=build-test-$1 cxx=$2
+  shift 2
+  cmake -S . -B "$dir" -DCMAKE_CXX_COMPILER="$cxx" -DKATTN_WERROR=ON \
+        -DKATTN_BUILD_BENCHMARKS=OFF -DKATTN_SHARED_DIR="$shared" "$@"
+  cmake --build "$dir" -j "$jobs"
+  ctest --test-dir "$dir" --output-on-failure -j "$jobs"
+}
+
+export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1
+export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+run_suite gcc-sanitize g++ -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKATTN_SANITIZE=ON
+run_suite clang clang++ -DCMAKE_BUILD_TYPE=Release

@@ -2,6 +2,7 @@
 /// \file
 /// The whole public API of kattn (except io/, which needs nlohmann/json), in dependency order.
 
+#include "parallel.hpp"
 #include "tensor.hpp"
 #include "config.hpp"
 #include "feature_maps.hpp"

@@ -20,6 +20,7 @@
 #include "detail/random_bits.hpp"
 #include "feature_maps.hpp"
 #include "masking.hpp"
+#include "parallel.hpp"
 #include "projection.hpp"
 #include "streaming.hpp"
 #include "tensor.hpp"
@@ -159,6 +160,13 @@ class KernelAttention {
     m_out_dim = O;
     m_has_weights = true;
   }
+
+  /// Runs later forwards on `pool` (shared; null: on the calling thread only). The default is
+  /// defaultThreadPool(), one thread per core. Results do not depend on the pool.
+  void setThreadPool(std::shared_ptr<const ThreadPool> pool) { m_pool = std::move(pool); }
+  /// Shorthand for setThreadPool with a new pool of `threads` threads (1: the caller only).
+  void setThreads(int threads) { m_pool = std::make_shared<ThreadPool>(threads); }
+  const std::shared_ptr<const ThreadPool>& threadPool() const { return m_pool; }
 
   /// D_q, D_v, D_k expected by forward (after setWeights).
   Index queryInputDim() const { return m_weights.query_kernel.dimension(0); }
@@ -310,25 +318,62 @@ class KernelAttention {
     return s;
   }
 
-  /// x[b, r0:r0+L, :] W + bias as [L, cols]; W is a [D, N, h] kernel read as [D, N h].
-  static Mat dense(const ConstTensorMap<Scalar, 3>& x, Index b, Index r0, Index L,
-                   const Tensor<Scalar, 3>& kernel, const Tensor<Scalar, 2>& bias) {
+  // ---- building blocks --------------------------------------------------------------------
+
+  /// Runs fn(first_row, rows) over fixed slices of [0, L), on the pool when there is one. The
+  /// slices do not depend on the number of threads, so neither do the results: Eigen's GEMM
+  /// blocking, and with it the summation order, depends on the row count of a product.
+  template <typename Fn>
+  static void forRowSlices(Index L, const ThreadPool* pool, const Fn& fn) {
+    constexpr Index kSliceRows = 256;
+    const Index slices = (L + kSliceRows - 1) / kSliceRows;
+    if (slices <= 1) {
+      fn(Index(0), L);
+      return;
+    }
+    forEach(slices, pool, [&](Index i) {
+      const Index s0 = i * kSliceRows;
+      fn(s0, std::min(kSliceRows, L - s0));
+    });
+  }
+
+  /// Runs fn(i) for i in [0, n) on the pool, or serially without one.
+  template <typename Fn>
+  static void forEach(Index n, const ThreadPool* pool, const Fn& fn) {
+    if (pool) {
+      pool->parallelFor(n, fn);
+    } else {
+      for (Index i = 0; i < n; ++i) fn(i);
+    }
+  }
+
+  /// out = factor (x[b, r0:r0+L, :] W + bias) as [L, N h]; W is a [D, N, h] kernel read as
+  /// [D, N h] (one GEMM for all heads).
+  static void dense(const ConstTensorMap<Scalar, 3>& x, Index b, Index r0, Index L,
+                    const Tensor<Scalar, 3>& kernel, const Tensor<Scalar, 2>& bias, Scalar factor,
+                    Mat& out, const ThreadPool* pool) {
     const Index D = x.dimension(2), cols = kernel.dimension(1) * kernel.dimension(2);
-    const ConstMapMat xb(x.data() + (b * x.dimension(1) + r0) * D, L, D);
+    out.resize(L, cols);
     const ConstMapMat W(kernel.data(), D, cols);
-    Mat out(L, cols);
-    out.noalias() = xb * W;
-    if (bias.size()) out.rowwise() += Eigen::Map<const RowVec>(bias.data(), cols);
-    return out;
+    forRowSlices(L, pool, [&](Index s0, Index len) {
+      const ConstMapMat xb(x.data() + (b * x.dimension(1) + r0 + s0) * D, len, D);
+      auto o = out.middleRows(s0, len);
+      o.noalias() = xb * W;
+      if (bias.size()) o.rowwise() += Eigen::Map<const RowVec>(bias.data(), cols);
+      if (factor != Scalar(1)) o *= factor;
+    });
   }
 
   /// y = a Wo + bo for heads a [L, N d_v], written to output rows [r0, r0 + L) of batch row b.
   void outputDense(const Mat& a, const Tensor<Scalar, 3>& kernel, const Tensor<Scalar, 1>& bias,
-                   TensorMap<Scalar, 3>& output, Index b, Index r0) const {
-    const Index O = m_out_dim, L = a.rows();
-    MapMat y(output.data() + (b * output.dimension(1) + r0) * O, L, O);
-    y.noalias() = a * ConstMapMat(kernel.data(), a.cols(), O);
-    if (bias.size()) y.rowwise() += Eigen::Map<const RowVec>(bias.data(), O);
+                   TensorMap<Scalar, 3>& output, Index b, Index r0, const ThreadPool* pool) const {
+    const Index O = m_out_dim;
+    const ConstMapMat W(kernel.data(), a.cols(), O);
+    forRowSlices(a.rows(), pool, [&](Index s0, Index len) {
+      MapMat y(output.data() + (b * output.dimension(1) + r0 + s0) * O, len, O);
+      y.noalias() = a.middleRows(s0, len) * W;
+      if (bias.size()) y.rowwise() += Eigen::Map<const RowVec>(bias.data(), O);
+    });
   }
 
   /// Inverted dropout on heads [L, N d_v] of rows [r0, ...) of batch row b; the stream is
@@ -346,34 +391,30 @@ class KernelAttention {
       }
   }
 
-  /// Features of one side for every head: x [L, N d] scaled -> out [L, N F]. For exp maps the
-  /// shift is the maximum logit over the block (all heads), or `shift` when given.
+  /// Features of one side for every head: x [L, N d] scaled -> out [L, N F], heads spread over
+  /// the pool. For exp maps the shift is `shift`, or the largest logit of the block over all
+  /// heads (the reference's per-batch-row maximum when the block is the whole row).
   template <typename Map>
   void features(const Map& map, const Mat& x, const Mat* P, bool is_query, Mat& out,
-                std::optional<Scalar> shift = std::nullopt) const {
+                std::optional<Scalar> shift, const ThreadPool* pool) const {
     const Index d = m_key_dim, F = featureDim(d, P);
     out.resize(x.rows(), m_heads * F);
-    using MT = feature_map_traits<Map>;
-    if constexpr (MT::max_shifted) {
-      for (Index n = 0; n < m_heads; ++n)
-        map.logits(FeatureInput<Scalar>{x.middleCols(n * d, d), P, is_query},
-                   Blk(out.middleCols(n * F, F)));
+    auto input = [&](Index n) { return FeatureInput<Scalar>{x.middleCols(n * d, d), P, is_query}; };
+    if constexpr (feature_map_traits<Map>::max_shifted) {
+      forEach(m_heads, pool, [&](Index n) { map.logits(input(n), Blk(out.middleCols(n * F, F))); });
       const Scalar M = shift ? *shift : (out.size() ? out.maxCoeff() : Scalar(0));
-      for (Index n = 0; n < m_heads; ++n)
-        map.finish(FeatureInput<Scalar>{x.middleCols(n * d, d), P, is_query},
-                   Blk(out.middleCols(n * F, F)), M);
+      forEach(m_heads, pool,
+              [&](Index n) { map.finish(input(n), Blk(out.middleCols(n * F, F)), M); });
     } else {
-      for (Index n = 0; n < m_heads; ++n)
-        map(FeatureInput<Scalar>{x.middleCols(n * d, d), P, is_query}, Blk(out.middleCols(n * F, F)));
+      forEach(m_heads, pool, [&](Index n) { map(input(n), Blk(out.middleCols(n * F, F))); });
     }
   }
 
-  /// The largest logit of one side of a batch row, over all heads (exp maps' reference shift).
+  /// The largest logit of one side of a block, over all heads (exp maps' reference shift).
   template <typename Map>
   Scalar maxLogit(const Map& map, const Mat& x, const Mat* P) const {
-    Mat z;
     const Index d = m_key_dim, F = featureDim(d, P);
-    z.resize(x.rows(), F);
+    Mat z(x.rows(), F);
     Scalar M = -std::numeric_limits<Scalar>::infinity();
     for (Index n = 0; n < m_heads; ++n) {
       map.logits(FeatureInput<Scalar>{x.middleCols(n * d, d), P, false}, Blk(z));
@@ -388,101 +429,163 @@ class KernelAttention {
       if (mask_row[s] != Scalar(1)) kf.row(s) *= mask_row[s];
   }
 
-  /**
-   * Bidirectional attention heads for query rows [q0, q1) of every batch row, with map `map`,
-   * the short-sequence softmax or the kernel form. The softmax part of begin_kernel is this
-   * with Identity and short = true.
-   */
-  template <typename Map>
-  std::vector<Mat> bidirectionalHeads(const Map& map, bool short_path, const Inputs& in,
-                                      Index q0, Index q1, const std::vector<Scalar>& scales,
-                                      const Mat* P) const {
-    using MT = feature_map_traits<Map>;
-    const Index B = in.B, N = m_heads, d = m_key_dim, dv = m_value_dim, F = featureDim(d, P);
-    const Index Tq = q1 - q0;
-    const std::size_t nb = static_cast<std::size_t>(B);
-    std::vector<Mat> qs(nb), ks(nb), vs(nb);
-    for (Index b = 0; b < B; ++b) {
-      const Scalar sb = scales[std::size_t(b)];
-      qs[b] = dense(in.query, b, q0, Tq, m_weights.query_kernel, m_weights.query_bias);
-      ks[b] = dense(in.key, b, 0, in.S, m_weights.key_kernel, m_weights.key_bias);
-      vs[b] = dense(in.value, b, 0, in.S, m_weights.value_kernel, m_weights.value_bias);
-      if (short_path) {
-        qs[b] *= sb;
-      } else {
-        qs[b] *= std::sqrt(sb);
-        ks[b] *= std::sqrt(sb);
-      }
-    }
-    std::vector<Mat> qf(nb), kf(nb);
-    if constexpr (MT::pair_statistics) {
-      if (P) {
-        pairFeatures(map, qs, ks, P, qf, kf);
-      } else {
-        for (Index b = 0; b < B; ++b) {
-          features(map, qs[b], P, true, qf[b]);
-          features(map, ks[b], P, false, kf[b]);
-        }
-      }
+  /// Buffers of one batch row's pipeline.
+  struct RowWork {
+    Mat qs, ks, vs, qf, kf, heads;
+  };
+
+  /// Runs row(b, inner_pool) for every batch row: across batch rows when there are at least
+  /// as many as threads (each row then runs serially), else row by row with the pool inside.
+  template <typename Row>
+  void forBatchRows(Index B, const Row& row) const {
+    const ThreadPool* pool = m_pool.get();
+    if (pool && pool->threads() > 1 && B >= pool->threads()) {
+      pool->parallelFor(B, [&](Index b) { row(b, nullptr); });
     } else {
-      for (Index b = 0; b < B; ++b) {
-        features(map, qs[b], P, true, qf[b]);
-        features(map, ks[b], P, false, kf[b]);
-      }
+      for (Index b = 0; b < B; ++b) row(b, pool && pool->threads() > 1 ? pool : nullptr);
     }
-    std::vector<Mat> heads(nb);
-    const bool use_explicit = detail::explicitIsCheaper(Tq, in.S, F, dv);
-    for (Index b = 0; b < B; ++b) {
-      const Scalar* mask_row = in.mask ? in.mask + b * in.S : nullptr;
-      maskRows(kf[b], mask_row);
-      heads[b].resize(Tq, N * dv);
-      for (Index n = 0; n < N; ++n) {
-        const auto q = qf[b].middleCols(n * F, F);
-        const auto k = kf[b].middleCols(n * F, F);
-        const auto v = vs[b].middleCols(n * dv, dv);
-        auto a = heads[b].middleCols(n * dv, dv);
-        if (short_path) {
-          detail::shortSoftmaxAttention<Scalar>(q, k, v, mask_row, a);
-        } else if (use_explicit) {
-          detail::explicitAttention<Scalar>(q, k, v, a);
-        } else {
-          detail::lowRankAttention<Scalar>(q, k, v, a);
-        }
-      }
-    }
-    return heads;
   }
 
-  /// expplus features: coefficients per (b, n) from both sides, queries stabilised per row,
-  /// keys by the largest u over the whole key tensor (all batch rows, as the reference).
+  // ---- bidirectional ------------------------------------------------------------------------
+
+  /// Attention heads [q1 - q0, N d_v] of batch row b for query rows [q0, q1), with `map` and
+  /// the short-sequence softmax or the kernel form (explicit or low-rank, by cost).
   template <typename Map>
-  void pairFeatures(const Map& map, const std::vector<Mat>& qs, const std::vector<Mat>& ks,
-                    const Mat* P, std::vector<Mat>& qf, std::vector<Mat>& kf) const {
-    const Index B = Index(qs.size()), N = m_heads, d = m_key_dim, F = P->rows();
+  void bidirectionalRow(const Map& map, bool short_path, const Inputs& in, Index b, Index q0,
+                        Index q1, Scalar sb, const Mat* P, RowWork& w,
+                        const ThreadPool* pool) const {
+    const Index F = featureDim(m_key_dim, P), Tq = q1 - q0;
+    const Scalar qscale = short_path ? sb : std::sqrt(sb);
+    const Scalar kscale = short_path ? Scalar(1) : std::sqrt(sb);
+    dense(in.query, b, q0, Tq, m_weights.query_kernel, m_weights.query_bias, qscale, w.qs, pool);
+    dense(in.key, b, 0, in.S, m_weights.key_kernel, m_weights.key_bias, kscale, w.ks, pool);
+    dense(in.value, b, 0, in.S, m_weights.value_kernel, m_weights.value_bias, Scalar(1), w.vs,
+          pool);
+    features(map, w.qs, P, true, w.qf, std::nullopt, pool);
+    features(map, w.ks, P, false, w.kf, std::nullopt, pool);
+    attendRow(short_path, in, b, F, w, pool);
+  }
+
+  /// Mask and attention core of one batch row from its features (w.qf, w.kf, w.vs).
+  void attendRow(bool short_path, const Inputs& in, Index b, Index F, RowWork& w,
+                 const ThreadPool* pool) const {
+    const Index N = m_heads, dv = m_value_dim, Tq = w.qf.rows();
+    const Scalar* mask_row = in.mask ? in.mask + b * in.S : nullptr;
+    maskRows(w.kf, mask_row);
+    w.heads.resize(Tq, N * dv);
+    const bool use_explicit = detail::explicitIsCheaper(Tq, in.S, F, dv);
+    forEach(N, pool, [&](Index n) {
+      const auto q = w.qf.middleCols(n * F, F);
+      const auto k = w.kf.middleCols(n * F, F);
+      const auto v = w.vs.middleCols(n * dv, dv);
+      auto a = w.heads.middleCols(n * dv, dv);
+      if (short_path) {
+        detail::shortSoftmaxAttention<Scalar>(q, k, v, mask_row, a);
+      } else if (use_explicit) {
+        detail::explicitAttention<Scalar>(q, k, v, a);
+      } else {
+        detail::lowRankAttention<Scalar>(q, k, v, a);
+      }
+    });
+  }
+
+  /// expplus features for the whole batch: coefficients per (b, n) from both sides, queries
+  /// stabilised per row, keys by the largest u over the whole key tensor (all batch rows, as
+  /// the reference), which couples the batch rows.
+  template <typename Map>
+  void pairFeatures(const Map& map, std::vector<RowWork>& rows, const Mat* P) const {
+    const Index B = Index(rows.size()), N = m_heads, d = m_key_dim, F = P->rows();
     using Coeff = typename Map::template Coefficients<Scalar>;
     std::vector<Coeff> cq(std::size_t(B * N)), ck(std::size_t(B * N));
     Scalar key_max = -std::numeric_limits<Scalar>::infinity();
     for (Index b = 0; b < B; ++b) {
-      qf[b].resize(qs[b].rows(), N * F);
-      kf[b].resize(ks[b].rows(), N * F);
+      RowWork& w = rows[std::size_t(b)];
+      w.qf.resize(w.qs.rows(), N * F);
+      w.kf.resize(w.ks.rows(), N * F);
       for (Index n = 0; n < N; ++n) {
-        const auto sq = Map::template statistics<Scalar>(qs[b].middleCols(n * d, d));
-        const auto sk = Map::template statistics<Scalar>(ks[b].middleCols(n * d, d));
+        const auto sq = Map::template statistics<Scalar>(w.qs.middleCols(n * d, d));
+        const auto sk = Map::template statistics<Scalar>(w.ks.middleCols(n * d, d));
         cq[std::size_t(b * N + n)] = Map::coefficients(sq, sk, d);
         ck[std::size_t(b * N + n)] = Map::coefficients(sk, sq, d);
-        map.logits(FeatureInput<Scalar>{ks[b].middleCols(n * d, d), P, false},
-                   Blk(kf[b].middleCols(n * F, F)));
+        map.logits(FeatureInput<Scalar>{w.ks.middleCols(n * d, d), P, false},
+                   Blk(w.kf.middleCols(n * F, F)));
       }
-      if (kf[b].size()) key_max = std::max(key_max, kf[b].maxCoeff());
+      if (w.kf.size()) key_max = std::max(key_max, w.kf.maxCoeff());
     }
-    for (Index b = 0; b < B; ++b)
+    for (Index b = 0; b < B; ++b) {
+      RowWork& w = rows[std::size_t(b)];
       for (Index n = 0; n < N; ++n) {
-        const FeatureInput<Scalar> qin{qs[b].middleCols(n * d, d), P, true};
-        map.logits(qin, Blk(qf[b].middleCols(n * F, F)));
-        map.finish(qin, Blk(qf[b].middleCols(n * F, F)), cq[std::size_t(b * N + n)], Scalar(0));
-        map.finish(FeatureInput<Scalar>{ks[b].middleCols(n * d, d), P, false},
-                   Blk(kf[b].middleCols(n * F, F)), ck[std::size_t(b * N + n)], key_max);
+        const FeatureInput<Scalar> qin{w.qs.middleCols(n * d, d), P, true};
+        map.logits(qin, Blk(w.qf.middleCols(n * F, F)));
+        map.finish(qin, Blk(w.qf.middleCols(n * F, F)), cq[std::size_t(b * N + n)], Scalar(0));
+        map.finish(FeatureInput<Scalar>{w.ks.middleCols(n * d, d), P, false},
+                   Blk(w.kf.middleCols(n * F, F)), ck[std::size_t(b * N + n)], key_max);
       }
+    }
+  }
+
+  /// Scaled projections of the whole batch (the expplus paths, which need all of it).
+  std::vector<RowWork> projectBatch(const Inputs& in, Index q0, Index q1,
+                                    const std::vector<Scalar>& scales) const {
+    std::vector<RowWork> rows(static_cast<std::size_t>(in.B));
+    for (Index b = 0; b < in.B; ++b) {
+      RowWork& w = rows[std::size_t(b)];
+      const Scalar r = std::sqrt(scales[std::size_t(b)]);
+      dense(in.query, b, q0, q1 - q0, m_weights.query_kernel, m_weights.query_bias, r, w.qs,
+            m_pool.get());
+      dense(in.key, b, 0, in.S, m_weights.key_kernel, m_weights.key_bias, r, w.ks, m_pool.get());
+      dense(in.value, b, 0, in.S, m_weights.value_kernel, m_weights.value_bias, Scalar(1), w.vs,
+            m_pool.get());
+    }
+    return rows;
+  }
+
+  /// One part of the bidirectional layer: query rows [q0, q1) through `map`, dropout stream
+  /// `part`, and the output projection (kernel, bias).
+  template <typename Map>
+  void bidirectionalPart(const Map& map, bool short_path, const Inputs& in, Index q0, Index q1,
+                         const std::vector<Scalar>& scales, const Mat* P, bool drop,
+                         std::uint64_t call, std::uint64_t part, const Tensor<Scalar, 3>& kernel,
+                         const Tensor<Scalar, 1>& bias, TensorMap<Scalar, 3>& output) const {
+    auto finishRow = [&](RowWork& w, Index b, const ThreadPool* pool) {
+      if (drop) dropout(w.heads, call, part, b, q0);
+      outputDense(w.heads, kernel, bias, output, b, q0, pool);
+    };
+    if constexpr (feature_map_traits<Map>::pair_statistics) {
+      if (P && !short_path) {
+        std::vector<RowWork> rows = projectBatch(in, q0, q1, scales);
+        pairFeatures(map, rows, P);
+        for (Index b = 0; b < in.B; ++b) {
+          attendRow(false, in, b, P->rows(), rows[std::size_t(b)], m_pool.get());
+          finishRow(rows[std::size_t(b)], b, m_pool.get());
+        }
+        return;
+      }
+      if (P) {
+        // The short path scales only the queries, by s: expplus statistics follow suit.
+        std::vector<RowWork> rows(static_cast<std::size_t>(in.B));
+        for (Index b = 0; b < in.B; ++b) {
+          RowWork& w = rows[std::size_t(b)];
+          dense(in.query, b, q0, q1 - q0, m_weights.query_kernel, m_weights.query_bias,
+                scales[std::size_t(b)], w.qs, m_pool.get());
+          dense(in.key, b, 0, in.S, m_weights.key_kernel, m_weights.key_bias, Scalar(1), w.ks,
+                m_pool.get());
+          dense(in.value, b, 0, in.S, m_weights.value_kernel, m_weights.value_bias, Scalar(1),
+                w.vs, m_pool.get());
+        }
+        pairFeatures(map, rows, P);
+        for (Index b = 0; b < in.B; ++b) {
+          attendRow(true, in, b, P->rows(), rows[std::size_t(b)], m_pool.get());
+          finishRow(rows[std::size_t(b)], b, m_pool.get());
+        }
+        return;
+      }
+    }
+    forBatchRows(in.B, [&](Index b, const ThreadPool* pool) {
+      RowWork w;
+      bidirectionalRow(map, short_path, in, b, q0, q1, scales[std::size_t(b)], P, w, pool);
+      finishRow(w, b, pool);
+    });
   }
 
   /// The projection of this call: the layer's, or the k-th redraw in training mode.
@@ -523,20 +626,12 @@ class KernelAttention {
     } else {
       const Index K = std::min<Index>(m_config.begin_kernel, in.T);
       if (K > 0) {
-        std::vector<Mat> a = bidirectionalHeads(Identity{}, true, in, 0, K, scales, P);
-        for (Index b = 0; b < in.B; ++b) {
-          if (drop) dropout(a[b], call, 1, b, 0);
-          outputDense(a[b], m_weights.output_softmax_kernel, m_weights.output_softmax_bias,
-                      output, b, 0);
-        }
+        bidirectionalPart(Identity{}, true, in, 0, K, scales, P, drop, call, 1,
+                          m_weights.output_softmax_kernel, m_weights.output_softmax_bias, output);
       }
       if (K < in.T) {
-        std::vector<Mat> a =
-            bidirectionalHeads(FeatureMap{}, m_config.is_short_seq, in, K, in.T, scales, P);
-        for (Index b = 0; b < in.B; ++b) {
-          if (drop) dropout(a[b], call, 0, b, K);
-          outputDense(a[b], m_weights.output_kernel, m_weights.output_bias, output, b, K);
-        }
+        bidirectionalPart(FeatureMap{}, m_config.is_short_seq, in, K, in.T, scales, P, drop, call,
+                          0, m_weights.output_kernel, m_weights.output_bias, output);
       }
     }
   }
@@ -562,89 +657,82 @@ class KernelAttention {
     return C >= target ? C : C * (target / C);
   }
 
+  /// Causal kernel of every head of one block (features in w), state per head in `st`.
+  void causalHeads(const detail::CausalParams& params, detail::CausalHeadState<Scalar>* st,
+                   RowWork& w, Index lead, const ThreadPool* pool) const {
+    const Index N = m_heads, dv = m_value_dim, F = w.qf.cols() / N;
+    w.heads.resize(w.qf.rows(), N * dv);
+    forEach(N, pool, [&](Index n) {
+      detail::causalProcess<Scalar>(params, st[n], w.qf.middleCols(n * F, F),
+                                    w.kf.middleCols(n * F, F), w.vs.middleCols(n * dv, dv), lead,
+                                    w.heads.middleCols(n * dv, dv));
+    });
+  }
+
   void causalForward(const Inputs& in, const std::vector<Scalar>& scales, const Mat* P, bool drop,
                      std::uint64_t call, TensorMap<Scalar, 3>& output) const {
     const Index N = m_heads, dv = m_value_dim, F = numFeatures(), T = in.T;
     const detail::CausalParams params = wholePassParams(T);
     const Index lead = m_masking.leadingPad(T);
     if constexpr (Traits::pair_statistics) {
-      // expplus sees the whole sequence (its coefficients use future positions, as in the
-      // reference): features of the whole batch first, then the causal kernel.
-      const std::size_t nb = static_cast<std::size_t>(in.B);
-      std::vector<Mat> qs(nb), ks(nb), vs(nb), qf(nb), kf(nb);
-      for (Index b = 0; b < in.B; ++b) {
-        const Scalar r = std::sqrt(scales[std::size_t(b)]);
-        qs[b] = dense(in.query, b, 0, T, m_weights.query_kernel, m_weights.query_bias) * r;
-        ks[b] = dense(in.key, b, 0, T, m_weights.key_kernel, m_weights.key_bias) * r;
-        vs[b] = dense(in.value, b, 0, T, m_weights.value_kernel, m_weights.value_bias);
-      }
       if (P) {
-        pairFeatures(FeatureMap{}, qs, ks, P, qf, kf);
-      } else {
+        // expplus sees the whole sequence (its coefficients use future positions, as in the
+        // reference): features of the whole batch first, then the causal kernel.
+        std::vector<RowWork> rows = projectBatch(in, 0, T, scales);
+        pairFeatures(FeatureMap{}, rows, P);
         for (Index b = 0; b < in.B; ++b) {
-          features(FeatureMap{}, qs[b], P, true, qf[b]);
-          features(FeatureMap{}, ks[b], P, false, kf[b]);
+          RowWork& w = rows[std::size_t(b)];
+          maskRows(w.kf, in.mask ? in.mask + b * T : nullptr);
+          std::vector<detail::CausalHeadState<Scalar>> st(static_cast<std::size_t>(N));
+          for (auto& h : st) h.reset(F, dv);
+          causalHeads(params, st.data(), w, lead, m_pool.get());
+          if (drop) dropout(w.heads, call, 0, b, 0);
+          outputDense(w.heads, m_weights.output_kernel, m_weights.output_bias, output, b, 0,
+                      m_pool.get());
         }
-      }
-      for (Index b = 0; b < in.B; ++b) {
-        maskRows(kf[b], in.mask ? in.mask + b * T : nullptr);
-        Mat a(T, N * dv);
-        for (Index n = 0; n < N; ++n) {
-          detail::CausalHeadState<Scalar> st;
-          st.reset(F, dv);
-          detail::causalProcess<Scalar>(params, st, qf[b].middleCols(n * F, F),
-                                        kf[b].middleCols(n * F, F), vs[b].middleCols(n * dv, dv),
-                                        lead, a.middleCols(n * dv, dv));
-        }
-        if (drop) dropout(a, call, 0, b, 0);
-        outputDense(a, m_weights.output_kernel, m_weights.output_bias, output, b, 0);
-      }
-    } else {
-      const Index block = causalBlockRows();
-      std::vector<detail::CausalHeadState<Scalar>> st(static_cast<std::size_t>(N));
-      Mat qs, ks, vs, qf, kf, a;
-      for (Index b = 0; b < in.B; ++b) {
-        const Scalar r = std::sqrt(scales[std::size_t(b)]);
-        for (auto& h : st) h.reset(F, dv);
-        // The exp maps shift by the largest logit of the whole row (SPEC 2): with more than
-        // one block that needs a first pass over the logits.
-        std::optional<Scalar> q_shift, k_shift;
-        const Index first = std::min(T, block - lead);
-        if constexpr (Traits::max_shifted) {
-          if (first < T) {
-            Scalar mq = -std::numeric_limits<Scalar>::infinity(), mk = mq;
-            for (Index r0 = 0; r0 < T;) {
-              const Index L = std::min(T - r0, r0 == 0 ? first : block);
-              qs = dense(in.query, b, r0, L, m_weights.query_kernel, m_weights.query_bias) * r;
-              ks = dense(in.key, b, r0, L, m_weights.key_kernel, m_weights.key_bias) * r;
-              mq = std::max(mq, maxLogit(FeatureMap{}, qs, P));
-              mk = std::max(mk, maxLogit(FeatureMap{}, ks, P));
-              r0 += L;
-            }
-            q_shift = mq;
-            k_shift = mk;
-          }
-        }
-        for (Index r0 = 0; r0 < T;) {
-          const Index L = std::min(T - r0, r0 == 0 ? first : block);
-          qs = dense(in.query, b, r0, L, m_weights.query_kernel, m_weights.query_bias) * r;
-          ks = dense(in.key, b, r0, L, m_weights.key_kernel, m_weights.key_bias) * r;
-          vs = dense(in.value, b, r0, L, m_weights.value_kernel, m_weights.value_bias);
-          features(FeatureMap{}, qs, P, true, qf, q_shift);
-          features(FeatureMap{}, ks, P, false, kf, k_shift);
-          maskRows(kf, in.mask ? in.mask + b * T + r0 : nullptr);
-          a.resize(L, N * dv);
-          for (Index n = 0; n < N; ++n) {
-            detail::causalProcess<Scalar>(params, st[std::size_t(n)], qf.middleCols(n * F, F),
-                                          kf.middleCols(n * F, F), vs.middleCols(n * dv, dv),
-                                          r0 == 0 ? lead : 0, a.middleCols(n * dv, dv));
-          }
-          if (drop) dropout(a, call, 0, b, r0);
-          outputDense(a, m_weights.output_kernel, m_weights.output_bias, output, b, r0);
-          r0 += L;
-        }
+        return;
       }
     }
+    const Index block = causalBlockRows();
+    forBatchRows(in.B, [&](Index b, const ThreadPool* pool) {
+      const Scalar r = std::sqrt(scales[std::size_t(b)]);
+      std::vector<detail::CausalHeadState<Scalar>> st(static_cast<std::size_t>(N));
+      for (auto& h : st) h.reset(F, dv);
+      RowWork w;
+      // Blocks hold whole chunks; the first holds C - lead real rows of its first chunk.
+      const Index first = std::min(T, block - lead);
+      auto blockRows = [&](Index r0) { return std::min(T - r0, r0 == 0 ? first : block); };
+      // The exp maps shift by the largest logit of the whole row (SPEC 2): with more than one
+      // block that needs a first pass over the logits.
+      std::optional<Scalar> q_shift, k_shift;
+      if constexpr (Traits::max_shifted) {
+        if (first < T) {
+          Scalar mq = -std::numeric_limits<Scalar>::infinity(), mk = mq;
+          for (Index r0 = 0; r0 < T; r0 += blockRows(r0)) {
+            const Index L = blockRows(r0);
+            dense(in.query, b, r0, L, m_weights.query_kernel, m_weights.query_bias, r, w.qs, pool);
+            dense(in.key, b, r0, L, m_weights.key_kernel, m_weights.key_bias, r, w.ks, pool);
+            mq = std::max(mq, maxLogit(FeatureMap{}, w.qs, P));
+            mk = std::max(mk, maxLogit(FeatureMap{}, w.ks, P));
+          }
+          q_shift = mq;
+          k_shift = mk;
+        }
+      }
+      for (Index r0 = 0; r0 < T; r0 += blockRows(r0)) {
+        const Index L = blockRows(r0);
+        dense(in.query, b, r0, L, m_weights.query_kernel, m_weights.query_bias, r, w.qs, pool);
+        dense(in.key, b, r0, L, m_weights.key_kernel, m_weights.key_bias, r, w.ks, pool);
+        dense(in.value, b, r0, L, m_weights.value_kernel, m_weights.value_bias, Scalar(1), w.vs,
+              pool);
+        features(FeatureMap{}, w.qs, P, true, w.qf, q_shift, pool);
+        features(FeatureMap{}, w.ks, P, false, w.kf, k_shift, pool);
+        maskRows(w.kf, in.mask ? in.mask + b * T + r0 : nullptr);
+        causalHeads(params, st.data(), w, r0 == 0 ? lead : 0, pool);
+        if (drop) dropout(w.heads, call, 0, b, r0);
+        outputDense(w.heads, m_weights.output_kernel, m_weights.output_bias, output, b, r0, pool);
+      }
+    });
   }
 
   void checkState(const StreamingState<Scalar>& s, const Inputs& in) const {
@@ -679,30 +767,30 @@ class KernelAttention {
 
   void streamingForward(const Inputs& in, const Mat* P, StreamingState<Scalar>& state,
                         TensorMap<Scalar, 3>& output) const {
-    const Index N = m_heads, dv = m_value_dim, F = numFeatures(), T = in.T;
+    const Index N = m_heads, T = in.T;
     detail::CausalParams params;
+    params.gamma = m_masking.gamma();
     if (state.mode() == StreamingMode::Recurrent) {
       params.chunk = T;  // the whole call is one chunk, as in the reference's cache
-      params.gamma = m_masking.gamma();
       params.drop = false;
     } else {
       params.chunk = m_masking.chunk;
       params.window = m_masking.window;
-      params.gamma = m_masking.gamma();
       params.drop = true;
     }
     const Scalar r = std::sqrt(Scalar(m_scale));
-    Mat qs, ks, vs, qf, kf, a(T, N * dv);
-    for (Index b = 0; b < in.B; ++b) {
-      qs = dense(in.query, b, 0, T, m_weights.query_kernel, m_weights.query_bias) * r;
-      ks = dense(in.key, b, 0, T, m_weights.key_kernel, m_weights.key_bias) * r;
-      vs = dense(in.value, b, 0, T, m_weights.value_kernel, m_weights.value_bias);
+    forBatchRows(in.B, [&](Index b, const ThreadPool* pool) {
+      RowWork w;
+      dense(in.query, b, 0, T, m_weights.query_kernel, m_weights.query_bias, r, w.qs, pool);
+      dense(in.key, b, 0, T, m_weights.key_kernel, m_weights.key_bias, r, w.ks, pool);
+      dense(in.value, b, 0, T, m_weights.value_kernel, m_weights.value_bias, Scalar(1), w.vs,
+            pool);
       std::optional<Scalar> k_shift;
       if constexpr (Traits::max_shifted) {
         // Keep the state relative to the running maximum of key logits, rescaling it when the
         // maximum grows (online-softmax style); the shifts then cancel between calls.
         Scalar& running = state.m_key_shift[std::size_t(b)];
-        const Scalar mk = maxLogit(FeatureMap{}, ks, P);
+        const Scalar mk = maxLogit(FeatureMap{}, w.ks, P);
         if (mk > running) {
           if (std::isfinite(running)) {
             for (Index n = 0; n < N; ++n) state.head(b, n).rescale(std::exp(running - mk));
@@ -711,16 +799,12 @@ class KernelAttention {
         }
         k_shift = running;
       }
-      features(FeatureMap{}, qs, P, true, qf);
-      features(FeatureMap{}, ks, P, false, kf, k_shift);
-      maskRows(kf, in.mask ? in.mask + b * T : nullptr);
-      for (Index n = 0; n < N; ++n) {
-        detail::causalProcess<Scalar>(params, state.head(b, n), qf.middleCols(n * F, F),
-                                      kf.middleCols(n * F, F), vs.middleCols(n * dv, dv), 0,
-                                      a.middleCols(n * dv, dv));
-      }
-      outputDense(a, m_weights.output_kernel, m_weights.output_bias, output, b, 0);
-    }
+      features(FeatureMap{}, w.qs, P, true, w.qf, std::nullopt, pool);
+      features(FeatureMap{}, w.ks, P, false, w.kf, k_shift, pool);
+      maskRows(w.kf, in.mask ? in.mask + b * T : nullptr);
+      causalHeads(params, &state.head(b, 0), w, 0, pool);
+      outputDense(w.heads, m_weights.output_kernel, m_weights.output_bias, output, b, 0, pool);
+    });
     state.m_tokens += T;
     if (state.mode() == StreamingMode::Exact && T % m_masking.chunk != 0) state.m_finished = true;
   }
@@ -744,6 +828,7 @@ class KernelAttention {
   Weights<Scalar> m_weights;
   bool m_has_weights = false;
   mutable CallCounter m_training_calls;  // numbers training calls: redraw k, dropout stream k
+  std::shared_ptr<const ThreadPool> m_pool = defaultThreadPool();
 };
 
 /// Short aliases for the common instantiations.

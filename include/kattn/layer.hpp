@@ -245,12 +245,53 @@ class KernelAttention {
     return out;
   }
 
+  /**
+   * \brief The attention core alone, on heads the caller projected (e.g. after rotary position
+   * embeddings, or from a fused QKV projection): scaling, feature maps, masking, attention
+   * and, in training, dropout; no dense layers, so no weights are needed.
+   * \param q [B, T, N, d], \param k [B, S, N, d], \param v [B, S, N, d_v]
+   * \param attention_mask [B, S] or absent
+   * \return heads [B, T, N, d_v] (with begin_kernel: the softmax part's rows first)
+   */
+  Tensor<Scalar, 4> attend(const ConstTensorMap<Scalar, 4>& q, const ConstTensorMap<Scalar, 4>& k,
+                           const ConstTensorMap<Scalar, 4>& v,
+                           const std::optional<ConstTensorMap<Scalar, 2>>& attention_mask =
+                               std::nullopt,
+                           bool training = false) const {
+    Tensor<Scalar, 4> heads(q.dimension(0), q.dimension(1), m_heads, m_value_dim);
+    const Inputs in = checkHeads(q, k, v, attention_mask, heads);
+    run(in, training, nullptr, TensorMap<Scalar, 3>(nullptr, 0, 0, 0));
+    return heads;
+  }
+
+  /// attend() for one streaming call (causal layers): the next T tokens' heads.
+  Tensor<Scalar, 4> attend(const ConstTensorMap<Scalar, 4>& q, const ConstTensorMap<Scalar, 4>& k,
+                           const ConstTensorMap<Scalar, 4>& v,
+                           const std::optional<ConstTensorMap<Scalar, 2>>& attention_mask,
+                           StreamingState<Scalar>& state) const {
+    static_assert(Masking::causal,
+                  "A streaming state needs a causal layer: use kattn::CausalWindowed masking.");
+    static_assert(!Traits::bidirectional_only,
+                  "This feature map uses whole-sequence statistics (expplus) and cannot stream.");
+    Tensor<Scalar, 4> heads(q.dimension(0), q.dimension(1), m_heads, m_value_dim);
+    const Inputs in = checkHeads(q, k, v, attention_mask, heads);
+    checkState(state, in);
+    run(in, false, &state, TensorMap<Scalar, 3>(nullptr, 0, 0, 0));
+    return heads;
+  }
+
  private:
   // Per batch row inputs, gathered once per forward.
   struct Inputs {
     ConstTensorMap<Scalar, 3> query, value, key;
     const Scalar* mask;  // [B, S] or null
     Index B, T, S;
+    // attend(): per-head rows given by the caller ([B, T, N d], [B, S, N d], [B, S, N d_v])
+    // instead of the dense projections, and heads [B, T, N d_v] returned instead of outputs.
+    const Scalar* q_heads = nullptr;
+    const Scalar* k_heads = nullptr;
+    const Scalar* v_heads = nullptr;
+    Scalar* heads_out = nullptr;
   };
 
   static void requireEmpty(const char* name, Index size) {
@@ -296,6 +337,28 @@ class KernelAttention {
                                   std::to_string(T) + "), got S = " + std::to_string(S));
     }
     return Inputs{query, value, key ? *key : value, mask ? mask->data() : nullptr, B, T, S};
+  }
+
+  Inputs checkHeads(const ConstTensorMap<Scalar, 4>& q, const ConstTensorMap<Scalar, 4>& k,
+                    const ConstTensorMap<Scalar, 4>& v,
+                    const std::optional<ConstTensorMap<Scalar, 2>>& mask,
+                    Tensor<Scalar, 4>& heads) const {
+    const Index B = q.dimension(0), T = q.dimension(1), S = k.dimension(1);
+    checkShape<4>("q", q.dimensions(), {-1, -1, m_heads, m_key_dim});
+    checkShape<4>("k", k.dimensions(), {B, -1, m_heads, m_key_dim});
+    checkShape<4>("v", v.dimensions(), {B, S, m_heads, m_value_dim});
+    if (mask) checkShape<2>("attention_mask", mask->dimensions(), {B, S});
+    if (Masking::causal && S != T) {
+      throw std::invalid_argument("k: causal attention needs as many keys as queries (T = " +
+                                  std::to_string(T) + "), got S = " + std::to_string(S));
+    }
+    const ConstTensorMap<Scalar, 3> none(nullptr, 0, 0, 0);
+    Inputs in{none, none, none, mask ? mask->data() : nullptr, B, T, S};
+    in.q_heads = q.data();
+    in.k_heads = k.data();
+    in.v_heads = v.data();
+    in.heads_out = heads.data();
+    return in;
   }
 
   /// Per batch row scale s_b (SPEC 1.2).
@@ -364,6 +427,44 @@ class KernelAttention {
     });
   }
 
+  /// Buffers of one batch row's pipeline.
+  struct RowWork {
+    Mat qs, ks, vs, qf, kf, heads;
+  };
+
+  /// Scaled per-head rows of batch row b: queries [q0, q0 + Lq) into w.qs [Lq, N d], keys
+  /// and values [k0, k0 + Lk) into w.ks, w.vs (values only when asked).
+  void projectRows(const Inputs& in, Index b, Index q0, Index Lq, Index k0, Index Lk,
+                   Scalar qscale, Scalar kscale, RowWork& w, const ThreadPool* pool,
+                   bool values = true) const {
+    const Index Nd = m_heads * m_key_dim, Ndv = m_heads * m_value_dim;
+    if (in.q_heads) {
+      w.qs = ConstMapMat(in.q_heads + (b * in.T + q0) * Nd, Lq, Nd) * qscale;
+      w.ks = ConstMapMat(in.k_heads + (b * in.S + k0) * Nd, Lk, Nd) * kscale;
+      if (values) w.vs = ConstMapMat(in.v_heads + (b * in.S + k0) * Ndv, Lk, Ndv);
+      return;
+    }
+    dense(in.query, b, q0, Lq, m_weights.query_kernel, m_weights.query_bias, qscale, w.qs, pool);
+    dense(in.key, b, k0, Lk, m_weights.key_kernel, m_weights.key_bias, kscale, w.ks, pool);
+    if (values) {
+      dense(in.value, b, k0, Lk, m_weights.value_kernel, m_weights.value_bias, Scalar(1), w.vs,
+            pool);
+    }
+  }
+
+  /// Delivers heads [L, N d_v] of rows [r0, r0 + L) of batch row b: through the output
+  /// projection (kernel, bias) into `output`, or as heads for attend().
+  void emit(const Inputs& in, const Mat& heads, Index b, Index r0, const Tensor<Scalar, 3>& kernel,
+            const Tensor<Scalar, 1>& bias, TensorMap<Scalar, 3>& output,
+            const ThreadPool* pool) const {
+    if (in.heads_out) {
+      const Index Ndv = heads.cols();
+      MapMat(in.heads_out + (b * in.T + r0) * Ndv, heads.rows(), Ndv) = heads;
+      return;
+    }
+    outputDense(heads, kernel, bias, output, b, r0, pool);
+  }
+
   /// y = a Wo + bo for heads a [L, N d_v], written to output rows [r0, r0 + L) of batch row b.
   void outputDense(const Mat& a, const Tensor<Scalar, 3>& kernel, const Tensor<Scalar, 1>& bias,
                    TensorMap<Scalar, 3>& output, Index b, Index r0, const ThreadPool* pool) const {
@@ -429,11 +530,6 @@ class KernelAttention {
       if (mask_row[s] != Scalar(1)) kf.row(s) *= mask_row[s];
   }
 
-  /// Buffers of one batch row's pipeline.
-  struct RowWork {
-    Mat qs, ks, vs, qf, kf, heads;
-  };
-
   /// Runs row(b, inner_pool) for every batch row: across batch rows when there are at least
   /// as many as threads (each row then runs serially), else row by row with the pool inside.
   template <typename Row>
@@ -457,10 +553,7 @@ class KernelAttention {
     const Index F = featureDim(m_key_dim, P), Tq = q1 - q0;
     const Scalar qscale = short_path ? sb : std::sqrt(sb);
     const Scalar kscale = short_path ? Scalar(1) : std::sqrt(sb);
-    dense(in.query, b, q0, Tq, m_weights.query_kernel, m_weights.query_bias, qscale, w.qs, pool);
-    dense(in.key, b, 0, in.S, m_weights.key_kernel, m_weights.key_bias, kscale, w.ks, pool);
-    dense(in.value, b, 0, in.S, m_weights.value_kernel, m_weights.value_bias, Scalar(1), w.vs,
-          pool);
+    projectRows(in, b, q0, Tq, 0, in.S, qscale, kscale, w, pool);
     features(map, w.qs, P, true, w.qf, std::nullopt, pool);
     features(map, w.ks, P, false, w.kf, std::nullopt, pool);
     attendRow(short_path, in, b, F, w, pool);
@@ -531,11 +624,7 @@ class KernelAttention {
     for (Index b = 0; b < in.B; ++b) {
       RowWork& w = rows[std::size_t(b)];
       const Scalar r = std::sqrt(scales[std::size_t(b)]);
-      dense(in.query, b, q0, q1 - q0, m_weights.query_kernel, m_weights.query_bias, r, w.qs,
-            m_pool.get());
-      dense(in.key, b, 0, in.S, m_weights.key_kernel, m_weights.key_bias, r, w.ks, m_pool.get());
-      dense(in.value, b, 0, in.S, m_weights.value_kernel, m_weights.value_bias, Scalar(1), w.vs,
-            m_pool.get());
+      projectRows(in, b, q0, q1 - q0, 0, in.S, r, r, w, m_pool.get());
     }
     return rows;
   }
@@ -549,7 +638,7 @@ class KernelAttention {
                          const Tensor<Scalar, 1>& bias, TensorMap<Scalar, 3>& output) const {
     auto finishRow = [&](RowWork& w, Index b, const ThreadPool* pool) {
       if (drop) dropout(w.heads, call, part, b, q0);
-      outputDense(w.heads, kernel, bias, output, b, q0, pool);
+      emit(in, w.heads, b, q0, kernel, bias, output, pool);
     };
     if constexpr (feature_map_traits<Map>::pair_statistics) {
       if (P && !short_path) {
@@ -566,12 +655,8 @@ class KernelAttention {
         std::vector<RowWork> rows(static_cast<std::size_t>(in.B));
         for (Index b = 0; b < in.B; ++b) {
           RowWork& w = rows[std::size_t(b)];
-          dense(in.query, b, q0, q1 - q0, m_weights.query_kernel, m_weights.query_bias,
-                scales[std::size_t(b)], w.qs, m_pool.get());
-          dense(in.key, b, 0, in.S, m_weights.key_kernel, m_weights.key_bias, Scalar(1), w.ks,
-                m_pool.get());
-          dense(in.value, b, 0, in.S, m_weights.value_kernel, m_weights.value_bias, Scalar(1),
-                w.vs, m_pool.get());
+          projectRows(in, b, q0, q1 - q0, 0, in.S, scales[std::size_t(b)], Scalar(1), w,
+                      m_pool.get());
         }
         pairFeatures(map, rows, P);
         for (Index b = 0; b < in.B; ++b) {
@@ -606,6 +691,12 @@ class KernelAttention {
     const Index O = outputDimOrThrow();
     const Inputs in = checkInputs(query, value, key, mask);
     checkShape<3>("output", output.dimensions(), {in.B, in.T, O});
+    run(in, training, state, output);
+  }
+
+  /// Everything after the input checks, for forward and attend.
+  void run(const Inputs& in, bool training, StreamingState<Scalar>* state,
+           TensorMap<Scalar, 3> output) const {
     if constexpr (Masking::causal) {
       if (state) checkState(*state, in);
     }
@@ -687,8 +778,8 @@ class KernelAttention {
           for (auto& h : st) h.reset(F, dv);
           causalHeads(params, st.data(), w, lead, m_pool.get());
           if (drop) dropout(w.heads, call, 0, b, 0);
-          outputDense(w.heads, m_weights.output_kernel, m_weights.output_bias, output, b, 0,
-                      m_pool.get());
+          emit(in, w.heads, b, 0, m_weights.output_kernel, m_weights.output_bias, output,
+               m_pool.get());
         }
         return;
       }
@@ -710,8 +801,7 @@ class KernelAttention {
           Scalar mq = -std::numeric_limits<Scalar>::infinity(), mk = mq;
           for (Index r0 = 0; r0 < T; r0 += blockRows(r0)) {
             const Index L = blockRows(r0);
-            dense(in.query, b, r0, L, m_weights.query_kernel, m_weights.query_bias, r, w.qs, pool);
-            dense(in.key, b, r0, L, m_weights.key_kernel, m_weights.key_bias, r, w.ks, pool);
+            projectRows(in, b, r0, L, r0, L, r, r, w, pool, false);
             mq = std::max(mq, maxLogit(FeatureMap{}, w.qs, P));
             mk = std::max(mk, maxLogit(FeatureMap{}, w.ks, P));
           }
@@ -721,16 +811,13 @@ class KernelAttention {
       }
       for (Index r0 = 0; r0 < T; r0 += blockRows(r0)) {
         const Index L = blockRows(r0);
-        dense(in.query, b, r0, L, m_weights.query_kernel, m_weights.query_bias, r, w.qs, pool);
-        dense(in.key, b, r0, L, m_weights.key_kernel, m_weights.key_bias, r, w.ks, pool);
-        dense(in.value, b, r0, L, m_weights.value_kernel, m_weights.value_bias, Scalar(1), w.vs,
-              pool);
+        projectRows(in, b, r0, L, r0, L, r, r, w, pool);
         features(FeatureMap{}, w.qs, P, true, w.qf, q_shift, pool);
         features(FeatureMap{}, w.ks, P, false, w.kf, k_shift, pool);
         maskRows(w.kf, in.mask ? in.mask + b * T + r0 : nullptr);
         causalHeads(params, st.data(), w, r0 == 0 ? lead : 0, pool);
         if (drop) dropout(w.heads, call, 0, b, r0);
-        outputDense(w.heads, m_weights.output_kernel, m_weights.output_bias, output, b, r0, pool);
+        emit(in, w.heads, b, r0, m_weights.output_kernel, m_weights.output_bias, output, pool);
       }
     });
   }
@@ -781,10 +868,7 @@ class KernelAttention {
     const Scalar r = std::sqrt(Scalar(m_scale));
     forBatchRows(in.B, [&](Index b, const ThreadPool* pool) {
       RowWork w;
-      dense(in.query, b, 0, T, m_weights.query_kernel, m_weights.query_bias, r, w.qs, pool);
-      dense(in.key, b, 0, T, m_weights.key_kernel, m_weights.key_bias, r, w.ks, pool);
-      dense(in.value, b, 0, T, m_weights.value_kernel, m_weights.value_bias, Scalar(1), w.vs,
-            pool);
+      projectRows(in, b, 0, T, 0, T, r, r, w, pool);
       std::optional<Scalar> k_shift;
       if constexpr (Traits::max_shifted) {
         // Keep the state relative to the running maximum of key logits, rescaling it when the
@@ -803,7 +887,7 @@ class KernelAttention {
       features(FeatureMap{}, w.ks, P, false, w.kf, k_shift, pool);
       maskRows(w.kf, in.mask ? in.mask + b * T : nullptr);
       causalHeads(params, &state.head(b, 0), w, 0, pool);
-      outputDense(w.heads, m_weights.output_kernel, m_weights.output_bias, output, b, 0, pool);
+      emit(in, w.heads, b, 0, m_weights.output_kernel, m_weights.output_bias, output, pool);
     });
     state.m_tokens += T;
     if (state.mode() == StreamingMode::Exact && T % m_masking.chunk != 0) state.m_finished = true;

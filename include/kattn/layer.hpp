@@ -27,6 +27,10 @@
 
 namespace kattn {
 
+/// How the bidirectional kernel path (SPEC 3.2) is computed: through the explicit T x S
+/// matrix, the low-rank state, or whichever a cost model says is cheaper (Auto).
+enum class CoreForm { Auto, Explicit, LowRank };
+
 /**
  * \brief The trained parameters of a layer, under the reference's Keras variable names.
  *
@@ -167,6 +171,10 @@ class KernelAttention {
   /// Shorthand for setThreadPool with a new pool of `threads` threads (1: the caller only).
   void setThreads(int threads) { m_pool = std::make_shared<ThreadPool>(threads); }
   const std::shared_ptr<const ThreadPool>& threadPool() const { return m_pool; }
+
+  /// Forces one form of the bidirectional kernel path (for benchmarks and tests); Auto, the
+  /// default, lets the cost model pick. Both forms compute the same function.
+  void setCoreForm(CoreForm form) { m_form = form; }
 
   /// D_q, D_v, D_k expected by forward (after setWeights).
   Index queryInputDim() const { return m_weights.query_kernel.dimension(0); }
@@ -566,7 +574,9 @@ class KernelAttention {
     const Scalar* mask_row = in.mask ? in.mask + b * in.S : nullptr;
     maskRows(w.kf, mask_row);
     w.heads.resize(Tq, N * dv);
-    const bool use_explicit = detail::explicitIsCheaper(Tq, in.S, F, dv);
+    const bool use_explicit = m_form == CoreForm::Auto
+                                  ? detail::explicitIsCheaper(Tq, in.S, F, dv)
+                                  : m_form == CoreForm::Explicit;
     forEach(N, pool, [&](Index n) {
       const auto q = w.qf.middleCols(n * F, F);
       const auto k = w.kf.middleCols(n * F, F);
@@ -913,6 +923,7 @@ class KernelAttention {
   bool m_has_weights = false;
   mutable CallCounter m_training_calls;  // numbers training calls: redraw k, dropout stream k
   std::shared_ptr<const ThreadPool> m_pool = defaultThreadPool();
+  CoreForm m_form = CoreForm::Auto;
 };
 
 /// Short aliases for the common instantiations.

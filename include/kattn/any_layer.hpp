@@ -26,6 +26,8 @@ class AnyLayerBase {
   virtual const Weights<Scalar>& weights() const = 0;
   virtual Index outputDim() const = 0;
   virtual Index numFeatures() const = 0;
+  virtual void setThreadPool(std::shared_ptr<const ThreadPool> pool) = 0;
+  virtual void setCoreForm(CoreForm form) = 0;
   virtual Tensor<Scalar, 3> forward(const ConstTensorMap<Scalar, 3>& q,
                                     const ConstTensorMap<Scalar, 3>& v,
                                     const std::optional<ConstTensorMap<Scalar, 3>>& k,
@@ -57,6 +59,10 @@ class AnyLayerImpl final : public AnyLayerBase<Scalar> {
   const Weights<Scalar>& weights() const override { return m_layer.weights(); }
   Index outputDim() const override { return m_layer.outputDim(); }
   Index numFeatures() const override { return m_layer.numFeatures(); }
+  void setThreadPool(std::shared_ptr<const ThreadPool> pool) override {
+    m_layer.setThreadPool(std::move(pool));
+  }
+  void setCoreForm(CoreForm form) override { m_layer.setCoreForm(form); }
   Tensor<Scalar, 3> forward(const ConstTensorMap<Scalar, 3>& q, const ConstTensorMap<Scalar, 3>& v,
                             const std::optional<ConstTensorMap<Scalar, 3>>& k,
                             const std::optional<ConstTensorMap<Scalar, 2>>& mask,
@@ -140,6 +146,14 @@ class AnyKernelAttention {
   const Weights<Scalar>& weights() const { return m_impl->weights(); }
   Index outputDim() const { return m_impl->outputDim(); }
   Index numFeatures() const { return m_impl->numFeatures(); }
+  /// See KernelAttention::setThreadPool.
+  void setThreadPool(std::shared_ptr<const ThreadPool> pool) {
+    m_impl->setThreadPool(std::move(pool));
+  }
+  /// See KernelAttention::setThreads.
+  void setThreads(int threads) { setThreadPool(std::make_shared<ThreadPool>(threads)); }
+  /// See KernelAttention::setCoreForm.
+  void setCoreForm(CoreForm form) { m_impl->setCoreForm(form); }
 
   /// See KernelAttention::forward. query [B, T, D_q], value [B, S, D_v] -> [B, T, O].
   Tensor<Scalar, 3> forward(const ConstTensorMap<Scalar, 3>& query,

@@ -267,9 +267,18 @@ class KernelAttention {
                                std::nullopt,
                            bool training = false) const {
     Tensor<Scalar, 4> heads(q.dimension(0), q.dimension(1), m_heads, m_value_dim);
+    attend(q, k, v, attention_mask, training, TensorMap<Scalar, 4>(heads));
+    return heads;
+  }
+
+  /// As attend(), writing into caller memory `heads` [B, T, N, d_v] (no allocation of the
+  /// result: a server reusing its buffers avoids the first-touch cost of fresh pages).
+  void attend(const ConstTensorMap<Scalar, 4>& q, const ConstTensorMap<Scalar, 4>& k,
+              const ConstTensorMap<Scalar, 4>& v,
+              const std::optional<ConstTensorMap<Scalar, 2>>& attention_mask, bool training,
+              TensorMap<Scalar, 4> heads) const {
     const Inputs in = checkHeads(q, k, v, attention_mask, heads);
     run(in, training, nullptr, TensorMap<Scalar, 3>(nullptr, 0, 0, 0));
-    return heads;
   }
 
   /// attend() for one streaming call (causal layers): the next T tokens' heads.
@@ -282,7 +291,7 @@ class KernelAttention {
     static_assert(!Traits::bidirectional_only,
                   "This feature map uses whole-sequence statistics (expplus) and cannot stream.");
     Tensor<Scalar, 4> heads(q.dimension(0), q.dimension(1), m_heads, m_value_dim);
-    const Inputs in = checkHeads(q, k, v, attention_mask, heads);
+    const Inputs in = checkHeads(q, k, v, attention_mask, TensorMap<Scalar, 4>(heads));
     checkState(state, in);
     run(in, false, &state, TensorMap<Scalar, 3>(nullptr, 0, 0, 0));
     return heads;
@@ -350,8 +359,9 @@ class KernelAttention {
   Inputs checkHeads(const ConstTensorMap<Scalar, 4>& q, const ConstTensorMap<Scalar, 4>& k,
                     const ConstTensorMap<Scalar, 4>& v,
                     const std::optional<ConstTensorMap<Scalar, 2>>& mask,
-                    Tensor<Scalar, 4>& heads) const {
+                    const TensorMap<Scalar, 4>& heads) const {
     const Index B = q.dimension(0), T = q.dimension(1), S = k.dimension(1);
+    checkShape<4>("heads", heads.dimensions(), {B, T, m_heads, m_value_dim});
     checkShape<4>("q", q.dimensions(), {-1, -1, m_heads, m_key_dim});
     checkShape<4>("k", k.dimensions(), {B, -1, m_heads, m_key_dim});
     checkShape<4>("v", v.dimensions(), {B, S, m_heads, m_value_dim});
@@ -592,6 +602,150 @@ class KernelAttention {
     });
   }
 
+  // ---- bidirectional low-rank, streamed over blocks ------------------------------------------
+
+  enum class Side { Query, Key, Value };
+
+  /// Rows [r0, r0 + L) of head n of one side of batch row b, times `scale`: the dense
+  /// projection x W[:, n, :] + bias[n], or the caller's heads (attend).
+  void headRows(const Inputs& in, Side side, Index b, Index n, Index r0, Index L, Scalar scale,
+                Mat& out) const {
+    const Index h = side == Side::Value ? m_value_dim : m_key_dim;
+    const Index cols = m_heads * h;
+    if (in.q_heads) {
+      const Scalar* base = side == Side::Query ? in.q_heads : side == Side::Key ? in.k_heads
+                                                                                 : in.v_heads;
+      const Index len = side == Side::Query ? in.T : in.S;
+      out = ConstMapMat(base + (b * len + r0) * cols, L, cols).middleCols(n * h, h) * scale;
+      return;
+    }
+    const ConstTensorMap<Scalar, 3>& x =
+        side == Side::Query ? in.query : side == Side::Key ? in.key : in.value;
+    const Tensor<Scalar, 3>& kernel = side == Side::Query ? m_weights.query_kernel
+                                      : side == Side::Key ? m_weights.key_kernel
+                                                          : m_weights.value_kernel;
+    const Tensor<Scalar, 2>& bias = side == Side::Query ? m_weights.query_bias
+                                    : side == Side::Key ? m_weights.key_bias
+                                                        : m_weights.value_bias;
+    const Index D = x.dimension(2);
+    const ConstMapMat xb(x.data() + (b * x.dimension(1) + r0) * D, L, D);
+    out.noalias() = xb * ConstMapMat(kernel.data(), D, cols).middleCols(n * h, h);
+    if (bias.size()) {
+      out.rowwise() += Eigen::Map<const RowVec>(bias.data() + n * h, h);
+    }
+    if (scale != Scalar(1)) out *= scale;
+  }
+
+  /// Rows per block of the streamed passes: large enough for efficient products, small enough
+  /// that a block's rows and features stay in cache.
+  static constexpr Index kStreamRows = 256;
+
+  /**
+   * SPEC 3.2 in the low-rank form without materialising any sequence-long feature matrix:
+   * per head, one pass over key blocks accumulates KV and z, one pass over query blocks
+   * reads them out into heads [Tq, N d_v].
+   *
+   * The exp maps' reference shift (the largest logit over the whole batch row and all heads)
+   * only matters through the eps of the normaliser: with features computed under any shifts
+   * mq, mk instead of the reference's Mq, Mk, a_t = q'KV / (q'z + eps e^(Mq - mq) e^(Mk - mk))
+   * exactly. So keys use a running per-head maximum (rescaling KV and z when it grows) and
+   * queries a per-block maximum; the normalisation waits until Mq and Mk are known.
+   */
+  template <typename Map>
+  void lowRankRow(const Map& map, const Inputs& in, Index b, Index q0, Index q1, Scalar sb,
+                  const Mat* P, Eigen::Ref<Mat> heads, const ThreadPool* pool) const {
+    constexpr bool shifted = feature_map_traits<Map>::max_shifted;
+    const Index N = m_heads, dv = m_value_dim, F = featureDim(m_key_dim, P), Tq = q1 - q0;
+    const Index S = in.S, L = kStreamRows;
+    const Scalar r = std::sqrt(sb);
+    const Scalar* mask_row = in.mask ? in.mask + b * S : nullptr;
+    const Scalar eps = Scalar(detail::kNormaliserEps);
+    const Scalar minus_inf = -std::numeric_limits<Scalar>::infinity();
+    std::vector<Mat> kv(static_cast<std::size_t>(N));
+    std::vector<Vector<Scalar>> z(kv.size());
+    std::vector<Scalar> mk(kv.size(), minus_inf);
+    const Index q_blocks = (Tq + L - 1) / L;
+    Mat den(shifted ? Tq : 0, N);             // q'z per (row, head), exp maps only
+    Mat mq(shifted ? q_blocks : 0, N);        // shift of each query block and head
+
+    forEach(N, pool, [&](Index n) {
+      const std::size_t h = static_cast<std::size_t>(n);
+      Mat x, v, f;
+      kv[h].setZero(F, dv);
+      z[h].setZero(F);
+      for (Index s0 = 0; s0 < S; s0 += L) {
+        const Index len = std::min(L, S - s0);
+        headRows(in, Side::Key, b, n, s0, len, r, x);
+        headRows(in, Side::Value, b, n, s0, len, Scalar(1), v);
+        f.resize(len, F);
+        const FeatureInput<Scalar> fin{x, P, false};
+        if constexpr (shifted) {
+          map.logits(fin, Blk(f));
+          const Scalar m = f.maxCoeff();
+          if (m > mk[h]) {
+            if (std::isfinite(mk[h])) {
+              const Scalar c = std::exp(mk[h] - m);
+              kv[h] *= c;
+              z[h] *= c;
+            }
+            mk[h] = m;
+          }
+          map.finish(fin, Blk(f), mk[h]);
+        } else {
+          map(fin, Blk(f));
+        }
+        if (mask_row) {
+          for (Index s = 0; s < len; ++s)
+            if (mask_row[s0 + s] != Scalar(1)) f.row(s) *= mask_row[s0 + s];
+        }
+        kv[h].noalias() += f.transpose() * v;
+        z[h].noalias() += f.colwise().sum().transpose();
+      }
+    });
+
+    forEach(N, pool, [&](Index n) {
+      const std::size_t h = static_cast<std::size_t>(n);
+      Mat x, f;
+      Vector<Scalar> d;
+      for (Index t0 = 0; t0 < Tq; t0 += L) {
+        const Index len = std::min(L, Tq - t0);
+        headRows(in, Side::Query, b, n, q0 + t0, len, r, x);
+        f.resize(len, F);
+        const FeatureInput<Scalar> fin{x, P, true};
+        auto out = heads.block(t0, n * dv, len, dv);
+        if constexpr (shifted) {
+          map.logits(fin, Blk(f));
+          const Scalar m = f.maxCoeff();
+          mq(t0 / L, n) = m;
+          map.finish(fin, Blk(f), m);
+          out.noalias() = f * kv[h];
+          den.block(t0, n, len, 1).noalias() = f * z[h];
+        } else {
+          map(fin, Blk(f));
+          out.noalias() = f * kv[h];
+          d.noalias() = f * z[h];
+          for (Index t = 0; t < len; ++t) out.row(t) /= d(t) + eps;
+        }
+      }
+    });
+
+    if constexpr (shifted) {
+      const Scalar Mk = *std::max_element(mk.begin(), mk.end());
+      const Scalar Mq = Tq ? mq.maxCoeff() : Scalar(0);
+      Mat eps_eff(q_blocks, N);  // eps e^(Mq - mq) e^(Mk - mk): underflowing features give 0,
+      for (Index j = 0; j < q_blocks; ++j)   // as in the reference
+        for (Index n = 0; n < N; ++n) {
+          const Scalar key_part = std::isfinite(mk[std::size_t(n)]) ? Mk - mk[std::size_t(n)] : 0;
+          eps_eff(j, n) = eps * std::exp(Mq - mq(j, n) + key_part);
+        }
+      forRowSlices(Tq, pool, [&](Index s0, Index len) {
+        for (Index t = s0; t < s0 + len; ++t)
+          for (Index n = 0; n < N; ++n)
+            heads.block(t, n * dv, 1, dv) /= den(t, n) + eps_eff(t / L, n);
+      });
+    }
+  }
+
   /// expplus features for the whole batch: coefficients per (b, n) from both sides, queries
   /// stabilised per row, keys by the largest u over the whole key tensor (all batch rows, as
   /// the reference), which couples the batch rows.
@@ -676,9 +830,28 @@ class KernelAttention {
         return;
       }
     }
+    const Index F = featureDim(m_key_dim, P), Tq = q1 - q0, Ndv = m_heads * m_value_dim;
+    const bool low_rank = !short_path && (m_form == CoreForm::Auto
+                                              ? !detail::explicitIsCheaper(Tq, in.S, F, m_value_dim)
+                                              : m_form == CoreForm::LowRank);
     forBatchRows(in.B, [&](Index b, const ThreadPool* pool) {
       RowWork w;
-      bidirectionalRow(map, short_path, in, b, q0, q1, scales[std::size_t(b)], P, w, pool);
+      if (low_rank) {
+        if (in.heads_out) {
+          MapMat target(in.heads_out + (b * in.T + q0) * Ndv, Tq, Ndv);
+          lowRankRow(map, in, b, q0, q1, scales[std::size_t(b)], P, target, pool);
+          if (drop) {
+            w.heads = target;
+            dropout(w.heads, call, part, b, q0);
+            target = w.heads;
+          }
+          return;
+        }
+        w.heads.resize(Tq, Ndv);
+        lowRankRow(map, in, b, q0, q1, scales[std::size_t(b)], P, w.heads, pool);
+      } else {
+        bidirectionalRow(map, short_path, in, b, q0, q1, scales[std::size_t(b)], P, w, pool);
+      }
       finishRow(w, b, pool);
     });
   }

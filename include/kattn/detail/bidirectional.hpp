@@ -22,6 +22,13 @@ using ConstBlock = ConstFeatureBlock<Scalar>;
 template <typename Scalar>
 using Block = FeatureBlock<Scalar>;
 
+/// out.row(t) /= den(t), row by row: the rows are contiguous, so this streams through memory
+/// (a column-wise broadcast would walk a row-major block column by column).
+template <typename Scalar>
+void divideRows(Block<Scalar> out, const Vector<Scalar>& den) {
+  for (Index t = 0; t < out.rows(); ++t) out.row(t) /= den(t);
+}
+
 /// a_t = (q'_t KV) / (q'_t z + eps) with KV = k'^T v, z = k'^T 1. O((T + S) F d_v).
 template <typename Scalar>
 void lowRankAttention(const ConstBlock<Scalar>& qf, const ConstBlock<Scalar>& kf,
@@ -30,7 +37,7 @@ void lowRankAttention(const ConstBlock<Scalar>& qf, const ConstBlock<Scalar>& kf
   const Vector<Scalar> z = kf.colwise().sum().transpose();         // [F]
   const Vector<Scalar> den = (qf * z).array() + Scalar(kNormaliserEps);
   out.noalias() = qf * kv;
-  out = (out.array().colwise() / den.array()).matrix();
+  divideRows<Scalar>(out, den);
 }
 
 /// The same function through the explicit T x S score matrix. O(T S (F + d_v)).
@@ -40,7 +47,7 @@ void explicitAttention(const ConstBlock<Scalar>& qf, const ConstBlock<Scalar>& k
   const Matrix<Scalar> scores = qf * kf.transpose();                // [T, S]
   const Vector<Scalar> den = scores.rowwise().sum().array() + Scalar(kNormaliserEps);
   out.noalias() = scores * v;
-  out = (out.array().colwise() / den.array()).matrix();
+  divideRows<Scalar>(out, den);
 }
 
 /// Multiply-adds of each form; the explicit form wins only for short sequences (for T = S and

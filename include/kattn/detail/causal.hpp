@@ -148,7 +148,7 @@ void causalGroup(const CausalParams& p, CausalHeadState<Scalar>& st, const Const
   out.noalias() += scores * v;
   den += scores.rowwise().sum();
   den.array() += Scalar(kNormaliserEps);
-  out = (out.array().colwise() / den.array()).matrix();
+  divideRows<Scalar>(out, den);
 
   if (decays) {
     const Scalar g_all = std::pow(gamma, Scalar(n_chunks));
@@ -184,7 +184,7 @@ void causalDropChunk(const CausalParams& p, CausalHeadState<Scalar>& st,
   st.windowSum(gamma, s_kv, s_z);
   const Vector<Scalar> den = (qf * s_z).array() + Scalar(kNormaliserEps);
   out.noalias() = qf * s_kv;
-  out = (out.array().colwise() / den.array()).matrix();
+  divideRows<Scalar>(out, den);
 }
 
 /**

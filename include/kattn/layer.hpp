@@ -8,6 +8,8 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <memory>
+#include <mutex>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -448,6 +450,34 @@ class KernelAttention {
   /// Buffers of one batch row's pipeline.
   struct RowWork {
     Mat qs, ks, vs, qf, kf, heads;
+    Mat x, v, f;  // per-head blocks of the streamed passes
+  };
+
+  /// A RowWork borrowed from the layer's free list and returned on destruction: forwards of
+  /// the same shapes reuse their buffers instead of paying for fresh pages every call.
+  class Workspace {
+   public:
+    explicit Workspace(const KernelAttention& layer) : m_layer(layer) {
+      std::lock_guard<std::mutex> lock(layer.m_workspace->mutex);
+      auto& free = layer.m_workspace->free;
+      if (!free.empty()) {
+        m_work = std::move(free.back());
+        free.pop_back();
+      } else {
+        m_work = std::make_unique<RowWork>();
+      }
+    }
+    ~Workspace() {
+      std::lock_guard<std::mutex> lock(m_layer.m_workspace->mutex);
+      m_layer.m_workspace->free.push_back(std::move(m_work));
+    }
+    Workspace(const Workspace&) = delete;
+    Workspace& operator=(const Workspace&) = delete;
+    RowWork& operator*() const { return *m_work; }
+
+   private:
+    const KernelAttention& m_layer;
+    std::unique_ptr<RowWork> m_work;
   };
 
   /// Scaled per-head rows of batch row b: queries [q0, q0 + Lq) into w.qs [Lq, N d], keys
@@ -670,7 +700,10 @@ class KernelAttention {
 
     forEach(N, pool, [&](Index n) {
       const std::size_t h = static_cast<std::size_t>(n);
-      Mat x, v, f;
+      Workspace ws(*this);
+      Mat& x = (*ws).x;
+      Mat& v = (*ws).v;
+      Mat& f = (*ws).f;
       kv[h].setZero(F, dv);
       z[h].setZero(F);
       for (Index s0 = 0; s0 < S; s0 += L) {
@@ -705,7 +738,9 @@ class KernelAttention {
 
     forEach(N, pool, [&](Index n) {
       const std::size_t h = static_cast<std::size_t>(n);
-      Mat x, f;
+      Workspace ws(*this);
+      Mat& x = (*ws).x;
+      Mat& f = (*ws).f;
       Vector<Scalar> d;
       for (Index t0 = 0; t0 < Tq; t0 += L) {
         const Index len = std::min(L, Tq - t0);
@@ -835,7 +870,8 @@ class KernelAttention {
                                               ? !detail::explicitIsCheaper(Tq, in.S, F, m_value_dim)
                                               : m_form == CoreForm::LowRank);
     forBatchRows(in.B, [&](Index b, const ThreadPool* pool) {
-      RowWork w;
+      Workspace ws(*this);
+      RowWork& w = *ws;
       if (low_rank) {
         if (in.heads_out) {
           MapMat target(in.heads_out + (b * in.T + q0) * Ndv, Tq, Ndv);
@@ -972,7 +1008,8 @@ class KernelAttention {
       const Scalar r = std::sqrt(scales[std::size_t(b)]);
       std::vector<detail::CausalHeadState<Scalar>> st(static_cast<std::size_t>(N));
       for (auto& h : st) h.reset(F, dv);
-      RowWork w;
+      Workspace ws(*this);
+      RowWork& w = *ws;
       // Blocks hold whole chunks; the first holds C - lead real rows of its first chunk.
       const Index first = std::min(T, block - lead);
       auto blockRows = [&](Index r0) { return std::min(T - r0, r0 == 0 ? first : block); };
@@ -1050,7 +1087,8 @@ class KernelAttention {
     }
     const Scalar r = std::sqrt(Scalar(m_scale));
     forBatchRows(in.B, [&](Index b, const ThreadPool* pool) {
-      RowWork w;
+      Workspace ws(*this);
+      RowWork& w = *ws;
       projectRows(in, b, 0, T, 0, T, r, r, w, pool);
       std::optional<Scalar> k_shift;
       if constexpr (Traits::max_shifted) {
@@ -1097,6 +1135,12 @@ class KernelAttention {
   mutable CallCounter m_training_calls;  // numbers training calls: redraw k, dropout stream k
   std::shared_ptr<const ThreadPool> m_pool = defaultThreadPool();
   CoreForm m_form = CoreForm::Auto;
+  // Reusable buffers; shared by copies of the layer (they are only scratch space).
+  struct WorkspacePool {
+    std::mutex mutex;
+    std::vector<std::unique_ptr<RowWork>> free;
+  };
+  std::shared_ptr<WorkspacePool> m_workspace = std::make_shared<WorkspacePool>();
 };
 
 /// Short aliases for the common instantiations.

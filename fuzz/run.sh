@@ -52,6 +52,15 @@ for src in "$fuzz_dir"/fuzz_*.cpp; do
       echo "run.sh: no seeds in $cases (pass CASES_DIR); using the committed corpus only" >&2
     fi
   fi
+  if [[ $topic == config ]] && command -v python3 >/dev/null && compgen -G "$cases/*.json" >/dev/null; then
+    # Seeds for fuzz_config: the "config" object of every golden case.
+    python3 -c 'import json, pathlib, sys
+for p in pathlib.Path(sys.argv[1]).glob("*.json"):
+    c = json.loads(p.read_text())
+    if isinstance(c, dict) and "config" in c:
+        (pathlib.Path(sys.argv[2]) / ("golden_" + p.stem + ".json")).write_text(json.dumps(c["config"]))
+' "$cases" "$work"
+  fi
   dict=()
   [[ -f $fuzz_dir/$topic.dict ]] && dict=(-dict="$fuzz_dir/$topic.dict")
 

@@ -1,0 +1,849 @@
+// tools/kattn-run, run as a separate process: the golden cases converted to its file contract
+// (call mode, recurrent streaming through cache tensors, exact streaming through state
+// files), the seed's projection, and one test per class of malformed input or command line.
+#include <gtest/gtest.h>
+
+#include <sys/wait.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <initializer_list>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <kattn/io/config_json.hpp>
+
+#include "golden_cases.hpp"
+
+#ifdef KATTN_RUN_PATH
+
+namespace {
+
+namespace fs = std::filesystem;
+using kattn::Index;
+using kattn::Tensor;
+using kattn::io::SafeTensors;
+using kattn::io::SafeTensorsWriter;
+using kattn_test::GoldenCase;
+using Bytes = std::vector<std::uint8_t>;
+
+/// A temporary folder removed at the end of the test.
+class TempDir {
+ public:
+  TempDir() {
+    std::random_device rd;
+    m_path = fs::temp_directory_path() /
+             ("kattn_run_test_" + std::to_string(rd()) + "_" + std::to_string(rd()));
+    fs::create_directories(m_path);
+  }
+  ~TempDir() {
+    std::error_code ec;
+    fs::remove_all(m_path, ec);
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  std::string file(const std::string& name) const { return (m_path / name).string(); }
+
+ private:
+  fs::path m_path;
+};
+
+std::string readAll(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::ostringstream os;
+  os << in.rdbuf();
+  return os.str();
+}
+
+void writeAll(const std::string& path, const std::string& bytes) {
+  std::ofstream out(path, std::ios::binary);
+  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+}
+
+void writeAll(const std::string& path, const Bytes& bytes) {
+  writeAll(path, std::string(bytes.begin(), bytes.end()));
+}
+
+std::string shellQuote(const std::string& s) {
+  std::string out = "'";
+  for (char c : s) out += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return out + "'";
+}
+
+struct RunResult {
+  int code = -1;  // exit code, or 128 + signal
+  std::string out, err;
+};
+
+/// Runs kattn-run with `args`, capturing stdout and stderr through files in `dir`.
+RunResult runCli(const std::vector<std::string>& args, const TempDir& dir) {
+  std::string cmd = shellQuote(KATTN_RUN_PATH);
+  for (const auto& a : args) cmd += " " + shellQuote(a);
+  cmd += " >" + shellQuote(dir.file("stdout.txt")) + " 2>" + shellQuote(dir.file("stderr.txt"));
+  const int status = std::system(cmd.c_str());
+  RunResult r;
+  if (status != -1 && WIFEXITED(status)) r.code = WEXITSTATUS(status);
+  if (status != -1 && WIFSIGNALED(status)) r.code = 128 + WTERMSIG(status);
+  r.out = readAll(dir.file("stdout.txt"));
+  r.err = readAll(dir.file("stderr.txt"));
+  return r;
+}
+
+/// Expects a failure with `code` and exactly one stderr line "kattn-run: ..." containing
+/// every string of `parts`.
+void expectError(const RunResult& r, int code, std::initializer_list<std::string> parts) {
+  EXPECT_EQ(r.code, code) << r.err;
+  EXPECT_EQ(r.err.rfind("kattn-run: ", 0), 0u) << r.err;
+  ASSERT_FALSE(r.err.empty());
+  EXPECT_EQ(r.err.back(), '\n') << r.err;
+  EXPECT_EQ(r.err.find('\n'), r.err.size() - 1) << "more than one line: " << r.err;
+  for (const auto& part : parts) EXPECT_NE(r.err.find(part), std::string::npos) << r.err;
+  EXPECT_TRUE(r.out.empty()) << r.out;
+}
+
+void expectSuccess(const RunResult& r) {
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_TRUE(r.err.empty()) << r.err;
+}
+
+/// Adds tensor `name` of `file` (any rank up to 4) to `out` as float64.
+void copyTensor(const SafeTensors& file, const std::string& name, SafeTensorsWriter& out,
+                const std::string& as = "") {
+  const std::string to = as.empty() ? name : as;
+  switch (file.info(name).shape.size()) {
+    case 1: out.add(to, file.tensor<double, 1>(name)); break;
+    case 2: out.add(to, file.tensor<double, 2>(name)); break;
+    case 3: out.add(to, file.tensor<double, 3>(name)); break;
+    case 4: out.add(to, file.tensor<double, 4>(name)); break;
+    default: FAIL() << name << " has an unexpected rank";
+  }
+}
+
+const char* const kWeightNames[] = {
+    "query/kernel", "query/bias", "key/kernel", "key/bias", "value/kernel", "value/bias",
+    "attention_output/kernel", "attention_output/bias", "attention_output_softmax/kernel",
+    "attention_output_softmax/bias", "projection_matrix"};
+
+/// layer.json and weights.safetensors of a golden case, in kattn-run's contract.
+void writeLayerFiles(const GoldenCase& gc, const TempDir& dir) {
+  writeAll(dir.file("layer.json"), gc.meta.at("config").dump(2));
+  SafeTensorsWriter w;
+  for (const char* name : kWeightNames) {
+    if (gc.has(name)) copyTensor(gc.data, name, w);
+  }
+  w.write(dir.file("weights.safetensors"));
+}
+
+/// Rows [t0, t0 + L) along axis 1.
+Tensor<double, 3> rows(const Tensor<double, 3>& t, Index t0, Index L) {
+  return t.slice(Eigen::array<Index, 3>{0, t0, 0},
+                 Eigen::array<Index, 3>{t.dimension(0), L, t.dimension(2)});
+}
+Tensor<double, 2> rows(const Tensor<double, 2>& t, Index t0, Index L) {
+  return t.slice(Eigen::array<Index, 2>{0, t0}, Eigen::array<Index, 2>{t.dimension(0), L});
+}
+
+std::vector<std::string> baseArgs(const TempDir& dir, const std::string& dtype) {
+  return {"--config", dir.file("layer.json"), "--weights", dir.file("weights.safetensors"),
+          "--inputs", dir.file("in.safetensors"), "--output", dir.file("out.safetensors"),
+          "--dtype", dtype};
+}
+
+double toleranceFor(const std::string& dtype) {
+  return dtype == "float64" ? kattn_test::tolerance<double>() : kattn_test::tolerance<float>();
+}
+
+/// Streams a golden case's sequence through kattn-run in calls of `lengths` tokens.
+/// Recurrent cases carry the reference's cache tensors (or, with `use_state_files`, kattn's
+/// state files) from call to call; exact cases carry state files. nullopt when a call fails
+/// (the failure is reported).
+struct StreamRun {
+  Tensor<double, 3> output;
+  std::optional<Tensor<double, 4>> kv;
+  std::optional<Tensor<double, 3>> k_sum;
+};
+
+std::optional<StreamRun> streamCase(const GoldenCase& gc, const std::vector<Index>& lengths,
+                     const std::string& dtype, bool use_state_files, const TempDir& dir) {
+  writeLayerFiles(gc, dir);
+  const auto query = gc.tensor<double, 3>("query");
+  const auto value = gc.tensor<double, 3>("value");
+  std::optional<Tensor<double, 2>> mask;
+  if (gc.has("attention_mask")) mask = gc.tensor<double, 2>("attention_mask");
+  StreamRun result;
+  std::vector<Tensor<double, 3>> pieces;
+  Index t0 = 0;
+  for (std::size_t call = 0; call < lengths.size(); ++call) {
+    const Index L = lengths[call];
+    SafeTensorsWriter in;
+    in.add("query", rows(query, t0, L));
+    in.add("value", rows(value, t0, L));
+    if (mask) in.add("attention_mask", rows(*mask, t0, L));
+    std::vector<std::string> args = baseArgs(dir, dtype);
+    args.push_back("--stream");
+    if (call == 0) {
+      if (gc.has("cache/kv")) {
+        copyTensor(gc.data, "cache/kv", in);
+        copyTensor(gc.data, "cache/k_sum", in);
+      }
+    } else if (use_state_files) {
+      args.insert(args.end(), {"--state-in", dir.file("state" + std::to_string(call - 1))});
+    } else {
+      const auto prev = SafeTensors::load(dir.file("out.safetensors"));
+      copyTensor(prev, "cache/kv", in);
+      copyTensor(prev, "cache/k_sum", in);
+    }
+    if (use_state_files) {
+      args.insert(args.end(), {"--state-out", dir.file("state" + std::to_string(call))});
+    }
+    in.write(dir.file("in.safetensors"));
+    const RunResult r = runCli(args, dir);
+    EXPECT_EQ(r.code, 0) << "call " << call << ": " << r.err;
+    if (r.code != 0) return std::nullopt;
+    const auto out = SafeTensors::load(dir.file("out.safetensors"));
+    EXPECT_EQ(out.info("output").dtype_name, dtype == "float64" ? "F64" : "F32");
+    pieces.push_back(out.tensor<double, 3>("output"));
+    result.kv = out.tensor<double, 4>("cache/kv");
+    result.k_sum = out.tensor<double, 3>("cache/k_sum");
+    t0 += L;
+  }
+  EXPECT_EQ(t0, query.dimension(1));
+  result.output = Tensor<double, 3>(query.dimension(0), t0, pieces.front().dimension(2));
+  t0 = 0;
+  for (const auto& p : pieces) {
+    result.output.slice(Eigen::array<Index, 3>{0, t0, 0}, p.dimensions()) = p;
+    t0 += p.dimension(1);
+  }
+  return result;
+}
+
+// ---------------------------------------------------------------------------------------
+// Golden cases
+
+class GoldenCli : public ::testing::TestWithParam<std::tuple<std::string, std::string>> {};
+
+TEST_P(GoldenCli, Matches) {
+  const auto& [name, dtype] = GetParam();
+  const GoldenCase gc(name);
+  TempDir dir;
+  if (gc.streaming()) {
+    // The case's own calls, carrying the reference's cache tensors between processes.
+    std::vector<Index> lengths;
+    for (const auto& l : gc.meta.at("stream_chunk_lengths")) lengths.push_back(l.get<Index>());
+    const auto got = streamCase(gc, lengths, dtype, /*use_state_files=*/false, dir);
+    ASSERT_TRUE(got);
+    const double tol = toleranceFor(dtype);
+    EXPECT_LE(kattn_test::relativeError(got->output, gc.tensor<double, 3>("expected/output")), tol);
+    ASSERT_TRUE(got->kv && got->k_sum);
+    EXPECT_LE(kattn_test::relativeError(*got->kv, gc.tensor<double, 4>("expected/cache/kv")), tol);
+    EXPECT_LE(kattn_test::relativeError(*got->k_sum, gc.tensor<double, 3>("expected/cache/k_sum")),
+              tol);
+    return;
+  }
+  writeLayerFiles(gc, dir);
+  SafeTensorsWriter in;
+  for (const char* input : {"query", "value", "key", "attention_mask"}) {
+    if (gc.has(input)) copyTensor(gc.data, input, in);
+  }
+  in.write(dir.file("in.safetensors"));
+  const RunResult r = runCli(baseArgs(dir, dtype), dir);
+  expectSuccess(r);
+  if (r.code != 0) return;
+  const auto out = SafeTensors::load(dir.file("out.safetensors"));
+  EXPECT_EQ(out.names(), std::vector<std::string>{"output"});
+  EXPECT_EQ(out.info("output").dtype_name, dtype == "float64" ? "F64" : "F32");
+  const auto want = gc.tensor<double, 3>("expected/output");
+  const auto got = out.tensor<double, 3>("output");
+  ASSERT_EQ(got.dimensions(), want.dimensions());
+  EXPECT_LE(kattn_test::relativeError(got, want), toleranceFor(dtype));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Cases, GoldenCli,
+    ::testing::Combine(::testing::ValuesIn(kattn_test::caseNames([](const auto&) { return true; })),
+                       ::testing::Values("float64", "float32")),
+    [](const auto& info) {
+      std::string n = std::get<0>(info.param) + "_" + std::get<1>(info.param);
+      for (char& c : n) {
+        if (!std::isalnum(static_cast<unsigned char>(c))) c = '_';
+      }
+      return n;
+    });
+
+TEST(GoldenCliStream, RecurrentThroughStateFiles) {
+  // The same recurrent stream, carried by kattn's own state files instead of cache tensors.
+  for (const char* name : {"stream_elu_M32_calls4-4-4-4_d0.9_tailmask_s0.2",
+                           "stream_relu_noproj_calls3-1-5-2_d0.5_onesmask"}) {
+    SCOPED_TRACE(name);
+    const GoldenCase gc(name);
+    std::vector<Index> lengths;
+    for (const auto& l : gc.meta.at("stream_chunk_lengths")) lengths.push_back(l.get<Index>());
+    TempDir dir;
+    const auto got = streamCase(gc, lengths, "float64", /*use_state_files=*/true, dir);
+    ASSERT_TRUE(got);
+    EXPECT_LE(kattn_test::relativeError(got->output, gc.tensor<double, 3>("expected/output")),
+              1e-10);
+    ASSERT_TRUE(got->kv);
+    EXPECT_LE(kattn_test::relativeError(*got->kv, gc.tensor<double, 4>("expected/cache/kv")), 1e-10);
+  }
+}
+
+TEST(GoldenCliStream, ExactModeSplitEqualsWholeCausalPass) {
+  // Causal cases without decay stream in exact mode: any split into whole chunks (the last
+  // call may end inside a chunk with right padding) reproduces the whole-sequence pass.
+  struct Split {
+    const char* name;
+    std::vector<Index> lengths;
+  };
+  for (const Split& s : {Split{"causal_elu_noproj_c1_w100_nodecay_nopad_tailmask", {5, 1, 7, 4}},
+                         Split{"causal_elu_M10_c3_w2_nodecay_right_onesmask_s0.7", {6, 3, 6, 2}},
+                         Split{"causal_identity_M12_c8_w2_nodecay_right_s0.35", {16, 8, 17}}}) {
+    SCOPED_TRACE(s.name);
+    const GoldenCase gc(s.name);
+    ASSERT_FALSE(gc.config.causal_window_decay);
+    for (const std::string dtype : {"float64", "float32"}) {
+      TempDir dir;
+      const auto got = streamCase(gc, s.lengths, dtype, /*use_state_files=*/true, dir);
+      if (!got) continue;  // the failing call is reported
+      EXPECT_LE(kattn_test::relativeError(got->output, gc.tensor<double, 3>("expected/output")),
+                toleranceFor(dtype))
+          << dtype;
+    }
+  }
+}
+
+TEST(GoldenCliStream, AbsentCacheIsAFreshState) {
+  // stream_elu_noproj starts from a zero cache: a first call without cache tensors must
+  // give the case's first output token.
+  const GoldenCase gc("stream_elu_noproj_calls8x1_d0.9");
+  const auto kv0 = gc.tensor<double, 4>("cache/kv");
+  const Tensor<double, 4> zeros = Tensor<double, 4>(kv0.dimensions()).setZero();
+  ASSERT_EQ(kattn_test::relativeError(kv0, zeros), 0.0);
+  ASSERT_FALSE(gc.has("attention_mask"));
+  TempDir dir;
+  writeLayerFiles(gc, dir);
+  SafeTensorsWriter in;
+  in.add("query", rows(gc.tensor<double, 3>("query"), 0, 1));
+  in.add("value", rows(gc.tensor<double, 3>("value"), 0, 1));
+  in.write(dir.file("in.safetensors"));
+  auto args = baseArgs(dir, "float64");
+  args.push_back("--stream");
+  const RunResult r = runCli(args, dir);
+  expectSuccess(r);
+  if (r.code != 0) return;
+  const auto got = SafeTensors::load(dir.file("out.safetensors")).tensor<double, 3>("output");
+  EXPECT_LE(kattn_test::relativeError(got, rows(gc.tensor<double, 3>("expected/output"), 0, 1)),
+            1e-10);
+}
+
+// ---------------------------------------------------------------------------------------
+// The seed's projection
+
+/// A small layer (N = 2, d = 4, D = 5) with random weights, written to `dir`.
+struct SmallLayer {
+  kattn::LayerConfig config;
+  kattn::Weights<double> weights;
+  Tensor<double, 3> query, value;
+
+  explicit SmallLayer(int num_random_features = 0, std::int64_t seed = 0) {
+    config.num_heads = 2;
+    config.key_dim = 4;
+    config.feature_transform = "elu";
+    config.num_random_features = num_random_features;
+    config.seed = seed;
+    std::mt19937 gen(42);
+    std::uniform_real_distribution<double> u(-1.0, 1.0);
+    auto fill = [&](auto& t) {
+      for (Index i = 0; i < t.size(); ++i) t.data()[i] = u(gen);
+    };
+    weights.query_kernel.resize(5, 2, 4);
+    weights.key_kernel.resize(5, 2, 4);
+    weights.value_kernel.resize(5, 2, 4);
+    weights.output_kernel.resize(2, 4, 5);
+    weights.query_bias.resize(2, 4);
+    weights.key_bias.resize(2, 4);
+    weights.value_bias.resize(2, 4);
+    weights.output_bias.resize(5);
+    fill(weights.query_kernel), fill(weights.key_kernel), fill(weights.value_kernel);
+    fill(weights.output_kernel), fill(weights.query_bias), fill(weights.key_bias);
+    fill(weights.value_bias), fill(weights.output_bias);
+    query.resize(2, 3, 5);
+    value.resize(2, 3, 5);
+    fill(query), fill(value);
+  }
+
+  void writeConfig(const TempDir& dir) const {
+    writeAll(dir.file("layer.json"), kattn::io::configToJson(config).dump());
+  }
+  void writeWeights(const TempDir& dir) const {
+    SafeTensorsWriter w;
+    kattn::io::addWeights(w, weights);
+    w.write(dir.file("weights.safetensors"));
+  }
+  void writeInputs(const TempDir& dir) const {
+    SafeTensorsWriter in;
+    in.add("query", query);
+    in.add("value", value);
+    in.write(dir.file("in.safetensors"));
+  }
+  void writeAllFiles(const TempDir& dir) const {
+    writeConfig(dir);
+    writeWeights(dir);
+    writeInputs(dir);
+  }
+};
+
+TEST(KattnRun, WithoutProjectionMatrixUsesTheSeedsProjection) {
+  for (const std::int64_t seed : {std::int64_t(0), std::int64_t(1234), std::int64_t(-7)}) {
+    SCOPED_TRACE(seed);
+    const SmallLayer small(/*num_random_features=*/6, seed);
+    TempDir dir;
+    small.writeAllFiles(dir);
+    const RunResult r = runCli(baseArgs(dir, "float64"), dir);
+    expectSuccess(r);
+    if (r.code != 0) return;
+    const auto got = SafeTensors::load(dir.file("out.safetensors")).tensor<double, 3>("output");
+
+    kattn::AnyKernelAttention<double> layer(small.config);  // projection from the seed
+    layer.setWeights(small.weights);
+    const Tensor<double, 3> want = layer.forward(small.query, small.value);
+    EXPECT_LE(kattn_test::relativeError(got, want), 1e-13);
+
+    // And the seed matters: another seed's projection gives other outputs.
+    kattn::LayerConfig other = small.config;
+    other.seed = seed + 1;
+    kattn::AnyKernelAttention<double> other_layer(other);
+    other_layer.setWeights(small.weights);
+    EXPECT_GT(kattn_test::relativeError(got, other_layer.forward(small.query, small.value)), 1e-3);
+  }
+}
+
+TEST(KattnRun, ProjectionMatrixInTheWeightsFileWins) {
+  SmallLayer small(/*num_random_features=*/6, /*seed=*/5);
+  TempDir dir;
+  small.writeConfig(dir);
+  small.writeInputs(dir);
+  kattn::Matrix<double> P = kattn::Matrix<double>::Random(6, 4);
+  SafeTensorsWriter w;
+  kattn::io::addWeights(w, small.weights);
+  w.add("projection_matrix", kattn::ConstTensorMap<double, 2>(P.data(), 6, 4));
+  w.write(dir.file("weights.safetensors"));
+  const RunResult r = runCli(baseArgs(dir, "float64"), dir);
+  expectSuccess(r);
+  if (r.code != 0) return;
+  const auto got = SafeTensors::load(dir.file("out.safetensors")).tensor<double, 3>("output");
+  kattn::AnyKernelAttention<double> layer(small.config);
+  layer.setWeights(small.weights);
+  layer.setProjection(P);
+  EXPECT_LE(kattn_test::relativeError(got, layer.forward(small.query, small.value)), 1e-13);
+}
+
+TEST(KattnRun, Bfloat16AndFloat16InputsAreWidened) {
+  // Inputs whose values BF16 and F16 hold exactly give the same output as F32 inputs.
+  SmallLayer small;
+  for (Index i = 0; i < small.query.size(); ++i) {
+    small.query.data()[i] = std::round(small.query.data()[i] * 8) / 8;
+    small.value.data()[i] = std::round(small.value.data()[i] * 8) / 8;
+  }
+  TempDir dir;
+  small.writeAllFiles(dir);
+  ASSERT_EQ(runCli(baseArgs(dir, "float32"), dir).code, 0);
+  const auto want = SafeTensors::load(dir.file("out.safetensors")).tensor<double, 3>("output");
+
+  // x/8 with |x| <= 8: bf16 and f16 bit patterns from the float's top bits / by hand.
+  auto bf16 = [](double v) {
+    const float f = static_cast<float>(v);
+    std::uint32_t bits;
+    std::memcpy(&bits, &f, 4);
+    return static_cast<std::uint16_t>(bits >> 16);
+  };
+  auto f16 = [](double v) {
+    if (v == 0) return std::uint16_t(0);
+    const std::uint16_t sign = v < 0 ? 0x8000 : 0;
+    int e;
+    const double m = std::frexp(std::abs(v), &e);  // v = m 2^e, m in [0.5, 1)
+    const auto exponent = static_cast<std::uint16_t>(e - 1 + 15);
+    const auto mantissa = static_cast<std::uint16_t>((m * 2 - 1) * 1024);
+    return static_cast<std::uint16_t>(sign | exponent << 10 | mantissa);
+  };
+  for (const auto& [dtype, convert] :
+       {std::pair<std::string, std::function<std::uint16_t(double)>>{"BF16", bf16}, {"F16", f16}}) {
+    SCOPED_TRACE(dtype);
+    Bytes data;
+    for (const auto* t : {&small.query, &small.value}) {
+      for (Index i = 0; i < t->size(); ++i) {
+        const std::uint16_t h = convert(t->data()[i]);
+        data.push_back(static_cast<std::uint8_t>(h & 0xff));
+        data.push_back(static_cast<std::uint8_t>(h >> 8));
+      }
+    }
+    const std::string header = "{\"query\":{\"dtype\":\"" + dtype +
+                               "\",\"shape\":[2,3,5],\"data_offsets\":[0,60]},\"value\":{\"dtype\":\"" +
+                               dtype + "\",\"shape\":[2,3,5],\"data_offsets\":[60,120]}}";
+    Bytes file(8);
+    const std::uint64_t n = header.size();
+    std::memcpy(file.data(), &n, 8);
+    file.insert(file.end(), header.begin(), header.end());
+    file.insert(file.end(), data.begin(), data.end());
+    writeAll(dir.file("in.safetensors"), file);
+    const RunResult r = runCli(baseArgs(dir, "float32"), dir);
+    expectSuccess(r);
+    if (r.code != 0) continue;
+    const auto got = SafeTensors::load(dir.file("out.safetensors")).tensor<double, 3>("output");
+    EXPECT_EQ(kattn_test::relativeError(got, want), 0.0);
+  }
+}
+
+TEST(KattnRun, DefaultDtypeIsFloat32) {
+  SmallLayer small;
+  TempDir dir;
+  small.writeAllFiles(dir);
+  std::vector<std::string> args = baseArgs(dir, "float32");
+  args.resize(args.size() - 2);  // drop --dtype
+  expectSuccess(runCli(args, dir));
+  EXPECT_EQ(SafeTensors::load(dir.file("out.safetensors")).info("output").dtype_name, "F32");
+}
+
+TEST(KattnRun, OptionsWithEqualsAndThreads) {
+  SmallLayer small;
+  TempDir dir;
+  small.writeAllFiles(dir);
+  expectSuccess(runCli({"--config=" + dir.file("layer.json"),
+                        "--weights=" + dir.file("weights.safetensors"),
+                        "--inputs=" + dir.file("in.safetensors"),
+                        "--output=" + dir.file("out.safetensors"), "--dtype=float64",
+                        "--threads=4"},
+                       dir));
+}
+
+TEST(KattnRun, Help) {
+  TempDir dir;
+  for (const char* flag : {"--help", "-h"}) {
+    const RunResult r = runCli({"--output", "x", flag}, dir);
+    EXPECT_EQ(r.code, 0);
+    EXPECT_NE(r.out.find("usage: kattn-run --config FILE"), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("--state-out"), std::string::npos);
+    EXPECT_TRUE(r.err.empty()) << r.err;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Command-line mistakes: exit code 2
+
+TEST(KattnRunUsage, Mistakes) {
+  TempDir dir;
+  SmallLayer().writeAllFiles(dir);
+  const auto base = baseArgs(dir, "float64");
+  auto with = [&](std::initializer_list<std::string> extra) {
+    std::vector<std::string> a = base;
+    a.insert(a.end(), extra);
+    return a;
+  };
+  expectError(runCli({}, dir), 2, {"missing --config, --weights, --inputs, --output"});
+  expectError(runCli({"--config", dir.file("layer.json")}, dir), 2,
+              {"missing --weights, --inputs, --output"});
+  expectError(runCli(with({"--frobnicate"}), dir), 2, {"unknown option '--frobnicate'"});
+  expectError(runCli(with({"extra"}), dir), 2, {"unexpected argument 'extra'"});
+  expectError(runCli(with({"--config", "again.json"}), dir), 2, {"--config given twice"});
+  expectError(runCli(with({"--threads"}), dir), 2, {"--threads needs a value"});
+  expectError(runCli(with({"--threads", "0"}), dir), 2, {"--threads", ">= 1", "'0'"});
+  expectError(runCli(with({"--threads", "-3"}), dir), 2, {"--threads", "'-3'"});
+  expectError(runCli(with({"--threads", "2x"}), dir), 2, {"--threads", "'2x'"});
+  expectError(runCli(with({"--threads", "99999999999"}), dir), 2, {"--threads"});
+  std::vector<std::string> bad_dtype = base;
+  bad_dtype.back() = "float16";
+  expectError(runCli(bad_dtype, dir), 2, {"--dtype", "float32 or float64", "'float16'"});
+  expectError(runCli(with({"--state-in", "s"}), dir), 2, {"--state-in needs --stream"});
+  expectError(runCli(with({"--state-out", "s"}), dir), 2, {"--state-out needs --stream"});
+  expectError(runCli(with({"--stream=yes"}), dir), 2, {"--stream takes no value"});
+  expectError(runCli(with({"--state-out="}), dir), 2, {"--state-out needs a non-empty value"});
+}
+
+// ---------------------------------------------------------------------------------------
+// Malformed inputs: exit code 1, one line naming the file and what is wrong
+
+class KattnRunBadInput : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    m_small.writeAllFiles(m_dir);
+    m_inputs = readAll(m_dir.file("in.safetensors"));
+  }
+  RunResult run() { return runCli(baseArgs(m_dir, "float64"), m_dir); }
+  /// Writes in.safetensors from a header given as JSON text and `data_bytes` zero bytes.
+  void writeRawInputs(const std::string& header, std::size_t data_bytes) {
+    Bytes file(8);
+    const std::uint64_t n = header.size();
+    std::memcpy(file.data(), &n, 8);
+    file.insert(file.end(), header.begin(), header.end());
+    file.resize(file.size() + data_bytes, 0);
+    writeAll(m_dir.file("in.safetensors"), file);
+  }
+
+  SmallLayer m_small;
+  TempDir m_dir;
+  std::string m_inputs;  // a valid in.safetensors
+};
+
+TEST_F(KattnRunBadInput, Valid) { expectSuccess(run()); }
+
+TEST_F(KattnRunBadInput, TruncatedFile) {
+  writeAll(m_dir.file("in.safetensors"), m_inputs.substr(0, m_inputs.size() - 8));
+  expectError(run(), 1, {"in.safetensors", "beyond the data section"});
+  writeAll(m_dir.file("in.safetensors"), m_inputs.substr(0, 5));
+  expectError(run(), 1, {"in.safetensors", "shorter than the 8-byte header length"});
+  writeAll(m_dir.file("in.safetensors"), std::string());
+  expectError(run(), 1, {"in.safetensors", "file of 0 bytes"});
+}
+
+TEST_F(KattnRunBadInput, HeaderLengthBeyondTheFile) {
+  std::string bytes = m_inputs;
+  const std::uint64_t n = bytes.size();  // 8 more than what follows the length field
+  std::memcpy(bytes.data(), &n, 8);
+  writeAll(m_dir.file("in.safetensors"), bytes);
+  expectError(run(), 1, {"in.safetensors", "header length " + std::to_string(n), "exceeds"});
+}
+
+TEST_F(KattnRunBadInput, OffsetsOutOfRange) {
+  writeRawInputs(R"({"query":{"dtype":"F64","shape":[2,3,5],"data_offsets":[0,240]},)"
+                 R"("value":{"dtype":"F64","shape":[2,3,5],"data_offsets":[240,480]}})",
+                 400);
+  expectError(run(), 1, {"in.safetensors", "'value'", "data_offsets [240, 480]", "beyond"});
+}
+
+TEST_F(KattnRunBadInput, OverlappingTensors) {
+  writeRawInputs(R"({"query":{"dtype":"F64","shape":[2,3,5],"data_offsets":[0,240]},)"
+                 R"("value":{"dtype":"F64","shape":[2,3,5],"data_offsets":[200,440]}})",
+                 440);
+  expectError(run(), 1, {"in.safetensors", "overlap", "'query'"});
+}
+
+TEST_F(KattnRunBadInput, DtypeAndShapeDisagreeWithByteCount) {
+  writeRawInputs(R"({"query":{"dtype":"F32","shape":[2,3,5],"data_offsets":[0,240]},)"
+                 R"("value":{"dtype":"F64","shape":[2,3,5],"data_offsets":[240,480]}})",
+                 480);
+  expectError(run(), 1, {"in.safetensors", "'query'", "hold 240 bytes", "needs 120 bytes"});
+}
+
+TEST_F(KattnRunBadInput, MissingTensor) {
+  SafeTensorsWriter in;
+  in.add("query", m_small.query);
+  in.write(m_dir.file("in.safetensors"));
+  expectError(run(), 1, {"missing tensor 'value'", "in.safetensors"});
+
+  SafeTensorsWriter w;
+  w.add("query/kernel", m_small.weights.query_kernel);
+  w.write(m_dir.file("weights.safetensors"));
+  m_small.writeInputs(m_dir);
+  expectError(run(), 1, {"missing tensor 'key/kernel'", "weights.safetensors"});
+}
+
+TEST_F(KattnRunBadInput, WrongShapeNamesTensorExpectedAndActual) {
+  SafeTensorsWriter in;
+  in.add("query", Tensor<double, 3>(2, 3, 4).setZero());
+  in.add("value", m_small.value);
+  in.write(m_dir.file("in.safetensors"));
+  expectError(run(), 1, {"query", "expected shape [*, *, 5]", "got [2, 3, 4]"});
+
+  SafeTensorsWriter in2;
+  in2.add("query", m_small.query);
+  in2.add("value", Tensor<double, 3>(1, 3, 5).setZero());
+  in2.write(m_dir.file("in.safetensors"));
+  expectError(run(), 1, {"value", "expected shape [2, *, 5]", "got [1, 3, 5]"});
+
+  SafeTensorsWriter in3;
+  in3.add("query", m_small.query);
+  in3.add("value", m_small.value);
+  in3.add("attention_mask", Tensor<double, 2>(2, 4).setZero());
+  in3.write(m_dir.file("in.safetensors"));
+  expectError(run(), 1, {"attention_mask", "expected shape [2, 3]", "got [2, 4]"});
+
+  SafeTensorsWriter in4;
+  in4.add("query", Tensor<double, 2>(3, 5).setZero());
+  in4.add("value", m_small.value);
+  in4.write(m_dir.file("in.safetensors"));
+  expectError(run(), 1, {"'query'", "expected rank 3", "[3, 5]"});
+
+  m_small.writeInputs(m_dir);
+  kattn::Weights<double> w = m_small.weights;
+  w.query_kernel = Tensor<double, 3>(5, 2, 3).setZero();
+  SafeTensorsWriter wf;
+  kattn::io::addWeights(wf, w);
+  wf.write(m_dir.file("weights.safetensors"));
+  expectError(run(), 1,
+              {"weights.safetensors", "'query/kernel'", "expected shape [*, 2, 4]", "got [5, 2, 3]"});
+}
+
+TEST_F(KattnRunBadInput, BadJsonConfig) {
+  writeAll(m_dir.file("layer.json"), std::string("{\"num_heads\": 2, \"key_dim\": 4,\n"));
+  expectError(run(), 1, {"layer.json", "not valid JSON"});
+  writeAll(m_dir.file("layer.json"), std::string("{\"num_heads\": \"2\", \"key_dim\": 4}"));
+  expectError(run(), 1, {"layer.json", "num_heads: expected an integer, got string \"2\""});
+  writeAll(m_dir.file("layer.json"), std::string("[1, 2]"));
+  expectError(run(), 1, {"layer.json", "expected a JSON object"});
+}
+
+TEST_F(KattnRunBadInput, UnknownConfigKey) {
+  writeAll(m_dir.file("layer.json"),
+           std::string(R"({"num_heads": 2, "key_dim": 4, "feature_transfrom": "elu"})"));
+  expectError(run(), 1, {"layer.json", "unknown key \"feature_transfrom\"", "feature_transform"});
+}
+
+TEST_F(KattnRunBadInput, InvalidConfigValue) {
+  writeAll(m_dir.file("layer.json"),
+           std::string(R"({"num_heads": 2, "key_dim": 4, "feature_transform": "softmax"})"));
+  expectError(run(), 1, {"layer.json", "feature_transform", "\"softmax\"", "elu, relu"});
+  writeAll(m_dir.file("layer.json"),
+           std::string(R"({"num_heads": 2, "key_dim": 4, "attention_axes": [2]})"));
+  expectError(run(), 1, {"layer.json", "attention_axes", "not supported"});
+}
+
+TEST_F(KattnRunBadInput, UnreadableFiles) {
+  fs::remove(m_dir.file("layer.json"));
+  expectError(run(), 1, {"cannot open config", "layer.json"});
+  m_small.writeConfig(m_dir);
+  fs::remove(m_dir.file("weights.safetensors"));
+  fs::create_directory(m_dir.file("weights.safetensors"));
+  expectError(run(), 1, {"weights.safetensors"});
+  fs::remove(m_dir.file("weights.safetensors"));
+  m_small.writeWeights(m_dir);
+  std::vector<std::string> args = baseArgs(m_dir, "float64");
+  args[7] = m_dir.file("no/such/dir/out.safetensors");
+  expectError(runCli(args, m_dir), 1, {"cannot open", "out.safetensors", "for writing"});
+}
+
+TEST_F(KattnRunBadInput, UnexpectedTensorNames) {
+  SafeTensorsWriter in;
+  in.add("query", m_small.query);
+  in.add("value", m_small.value);
+  in.add("mask", Tensor<double, 2>(2, 3).setConstant(1));
+  in.write(m_dir.file("in.safetensors"));
+  expectError(run(), 1, {"in.safetensors", "unexpected tensor 'mask'", "attention_mask"});
+
+  SafeTensorsWriter in2;
+  in2.add("query", m_small.query);
+  in2.add("value", m_small.value);
+  in2.add("cache/kv", Tensor<double, 4>(2, 2, 4, 4).setZero());
+  in2.write(m_dir.file("in.safetensors"));
+  expectError(run(), 1, {"'cache/kv'", "only with --stream"});
+
+  m_small.writeInputs(m_dir);
+  SafeTensorsWriter w;
+  kattn::io::addWeights(w, m_small.weights);
+  w.add("projection_matrix", Tensor<double, 2>(6, 4).setZero());
+  w.write(m_dir.file("weights.safetensors"));
+  expectError(run(), 1, {"weights.safetensors", "'projection_matrix'", "num_random_features = 0"});
+
+  kattn::LayerConfig no_bias = m_small.config;
+  no_bias.use_bias = false;
+  writeAll(m_dir.file("layer.json"), kattn::io::configToJson(no_bias).dump());
+  m_small.writeWeights(m_dir);
+  expectError(run(), 1, {"weights.safetensors", "bias", "use_bias = false"});
+}
+
+TEST_F(KattnRunBadInput, ZeroSizedDimsCannotDeclareHugeWork) {
+  // A [B, T, 0] query holds no data whatever B and T say; with a [0, N, d] kernel it would
+  // be accepted, and the forward would size buffers from B and T.
+  kattn::Weights<double> w = m_small.weights;
+  w.query_kernel = Tensor<double, 3>(0, 2, 4);
+  kattn::LayerConfig c = m_small.config;
+  c.output_shape = 5;
+  writeAll(m_dir.file("layer.json"), kattn::io::configToJson(c).dump());
+  SafeTensorsWriter wf;
+  kattn::io::addWeights(wf, w);
+  wf.add("query/kernel", w.query_kernel);  // addWeights skips empty tensors
+  wf.write(m_dir.file("weights.safetensors"));
+  writeRawInputs(R"({"query":{"dtype":"F64","shape":[1000000000,1000000000,0],)"
+                 R"("data_offsets":[0,0]},)"
+                 R"("value":{"dtype":"F64","shape":[1000000000,0,5],"data_offsets":[0,0]}})",
+                 0);
+  expectError(run(), 1, {"working memory", "refuses"});
+}
+
+TEST_F(KattnRunBadInput, StreamingMistakes) {
+  // Not a causal layer.
+  auto stream = baseArgs(m_dir, "float64");
+  stream.push_back("--stream");
+  expectError(runCli(stream, m_dir), 1, {"--stream", "use_causal_windowed"});
+
+  kattn::LayerConfig c = m_small.config;
+  c.use_causal_windowed = true;
+  c.causal_chunk_length = 1;
+  writeAll(m_dir.file("layer.json"), kattn::io::configToJson(c).dump());
+  expectSuccess(runCli(stream, m_dir));  // exact mode (no decay), fresh state
+
+  // Exact mode cannot take the reference's recurrent cache.
+  SafeTensorsWriter in;
+  in.add("query", m_small.query);
+  in.add("value", m_small.value);
+  in.add("cache/kv", Tensor<double, 4>(2, 2, 4, 4).setZero());
+  in.add("cache/k_sum", Tensor<double, 3>(2, 2, 4).setZero());
+  in.write(m_dir.file("in.safetensors"));
+  expectError(runCli(stream, m_dir), 1, {"cache/kv", "exact mode", "--state-in"});
+
+  // Recurrent mode: cache shapes are checked; the two tensors come together.
+  c.causal_window_decay = 0.5;
+  writeAll(m_dir.file("layer.json"), kattn::io::configToJson(c).dump());
+  expectSuccess(runCli(stream, m_dir));
+  SafeTensorsWriter bad;
+  bad.add("query", m_small.query);
+  bad.add("value", m_small.value);
+  bad.add("cache/kv", Tensor<double, 4>(2, 2, 4, 5).setZero());
+  bad.add("cache/k_sum", Tensor<double, 3>(2, 2, 4).setZero());
+  bad.write(m_dir.file("in.safetensors"));
+  expectError(runCli(stream, m_dir), 1, {"cache/kv", "expected shape [2, 2, 4, 4]", "got [2, 2, 4, 5]"});
+  SafeTensorsWriter half;
+  half.add("query", m_small.query);
+  half.add("value", m_small.value);
+  half.add("cache/k_sum", Tensor<double, 3>(2, 2, 4).setZero());
+  half.write(m_dir.file("in.safetensors"));
+  expectError(runCli(stream, m_dir), 1, {"cache/kv and cache/k_sum come together"});
+
+  // State files: garbage, another dtype, and together with cache tensors.
+  m_small.writeInputs(m_dir);
+  writeAll(m_dir.file("state"), std::string("not a state"));
+  auto with_state = stream;
+  with_state.insert(with_state.end(), {"--state-in", m_dir.file("state")});
+  expectError(runCli(with_state, m_dir), 1, {"'" + m_dir.file("state") + "'", "not a kattn streaming state"});
+  auto save32 = baseArgs(m_dir, "float32");
+  save32.insert(save32.end(), {"--stream", "--state-out", m_dir.file("state")});
+  expectSuccess(runCli(save32, m_dir));
+  expectError(runCli(with_state, m_dir), 1, {"another scalar type"});
+  fs::remove(m_dir.file("state"));
+  expectError(runCli(with_state, m_dir), 1, {"cannot open state"});
+  auto save64 = stream;
+  save64.insert(save64.end(), {"--state-out", m_dir.file("state")});
+  expectSuccess(runCli(save64, m_dir));
+  expectSuccess(runCli(with_state, m_dir));
+  in.write(m_dir.file("in.safetensors"));
+  expectError(runCli(with_state, m_dir), 1, {"both give the starting state"});
+
+  // A state of another batch size.
+  const Eigen::array<Index, 3> origin{0, 0, 0}, first_row{1, 3, 5};
+  const Tensor<double, 3> q1 = m_small.query.slice(origin, first_row);
+  const Tensor<double, 3> v1 = m_small.value.slice(origin, first_row);
+  SafeTensorsWriter one_row;
+  one_row.add("query", q1);
+  one_row.add("value", v1);
+  one_row.write(m_dir.file("in.safetensors"));
+  const RunResult r = runCli(with_state, m_dir);
+  EXPECT_EQ(r.code, 1) << r.err;
+  EXPECT_EQ(r.err.rfind("kattn-run: ", 0), 0u) << r.err;
+  EXPECT_EQ(r.err.find('\n'), r.err.size() - 1) << r.err;
+}
+
+}  // namespace
+
+#else  // KATTN_RUN_PATH
+
+TEST(KattnRun, NotBuilt) {
+  GTEST_SKIP() << "kattn-run is not built (KATTN_BUILD_EXAMPLES=OFF)";
+}
+
+#endif  // KATTN_RUN_PATH

@@ -1,0 +1,387 @@
+// kattn-run: one kernel attention layer over safetensors files. The file contract is in
+// docs/kattn-run.md. Every failure is one line on stderr, "kattn-run: <what>", with exit
+// code 1, or 2 for a command-line mistake; nothing in a file is trusted before it is checked.
+
+#include <algorithm>
+#include <cerrno>
+#include <charconv>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <iterator>
+#include <new>
+#include <optional>
+#include <set>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <system_error>
+#include <vector>
+
+#include <kattn/any_layer.hpp>
+#include <kattn/io/config_json.hpp>
+#include <kattn/io/safetensors.hpp>
+#include <kattn/io/weights.hpp>
+#include <kattn/streaming.hpp>
+
+namespace {
+
+constexpr const char* kUsage =
+    R"(usage: kattn-run --config FILE --weights FILE --inputs FILE --output FILE
+                 [--stream] [--state-in FILE] [--state-out FILE]
+                 [--dtype float32|float64] [--threads N]
+
+Runs one kernel attention layer (the TF Model Garden KernelAttention) over safetensors files.
+
+  --config FILE     layer configuration, as json.dump(layer.get_config()) writes it
+  --weights FILE    the Keras variables (query/kernel, query/bias, ..., attention_output/bias)
+                    and optionally projection_matrix [m, key_dim]; without it the projection
+                    is drawn from the config's seed, as the reference does
+  --inputs FILE     query [B,T,Dq], value [B,S,Dv], optional key [B,S,Dk] and
+                    attention_mask [B,S]; with --stream optionally the reference's cache
+                    cache/kv [B,N,dv,m] and cache/k_sum [B,N,m] (absent: a fresh state)
+  --output FILE     receives output [B,T,O]; with --stream also cache/kv and cache/k_sum
+  --stream          one streaming call over the next T tokens (use_causal_windowed layers)
+  --state-in FILE   with --stream: start from a state written by --state-out
+  --state-out FILE  with --stream: save the state after this call in kattn's own format;
+                    the only way to continue an exact-mode stream (no causal_window_decay)
+  --dtype TYPE      compute and write in float32 (default) or float64
+  --threads N       threads to use, N >= 1 (checked; the layer runs on one thread for now)
+  -h, --help        print this help and exit
+
+Exit status: 0 on success; 1 for an invalid or unreadable input, or an unwritable output;
+2 for a command-line mistake. Files: docs/kattn-run.md.
+)";
+
+/// A command-line mistake (exit code 2); every other failure exits with 1.
+class UsageError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+enum class DType { Float32, Float64 };
+
+struct Options {
+  std::string config, weights, inputs, output;
+  std::optional<std::string> state_in, state_out;
+  bool stream = false;
+  DType dtype = DType::Float32;
+  int threads = 1;
+  bool help = false;
+};
+
+/// `text` fit for a one-line message: control characters become '?', long text is cut.
+std::string printable(const std::string& text, std::size_t max_chars = 200) {
+  std::string out = text.size() > max_chars ? text.substr(0, max_chars - 3) + "..." : text;
+  for (char& c : out) {
+    const auto u = static_cast<unsigned char>(c);
+    if (u < 0x20 || u == 0x7f) c = '?';
+  }
+  return out;
+}
+
+std::string singleQuoted(const std::string& path) { return "'" + printable(path) + "'"; }
+
+Options parseArgs(int argc, char** argv) {
+  Options o;
+  const std::vector<std::string> args(argv + 1, argv + argc);
+  // --help wins over anything else on the line, so that it works after a typo too.
+  if (std::any_of(args.begin(), args.end(),
+                  [](const std::string& a) { return a == "-h" || a == "--help"; })) {
+    o.help = true;
+    return o;
+  }
+  const std::set<std::string> valued = {"--config",   "--weights",   "--inputs", "--output",
+                                        "--state-in", "--state-out", "--dtype",  "--threads"};
+  std::set<std::string> seen;
+  for (std::size_t i = 0; i < args.size(); ++i) {
+    const std::string& arg = args[i];
+    if (arg.rfind("--", 0) != 0) {
+      throw UsageError("unexpected argument " + singleQuoted(arg) + " (options start with --)");
+    }
+    const std::size_t eq = arg.find('=');
+    const std::string name = arg.substr(0, eq);
+    if (name != "--stream" && !valued.count(name)) {
+      throw UsageError("unknown option " + singleQuoted(name) + " (see kattn-run --help)");
+    }
+    if (!seen.insert(name).second) throw UsageError(name + " given twice");
+    if (name == "--stream") {
+      if (eq != std::string::npos) throw UsageError("--stream takes no value");
+      o.stream = true;
+      continue;
+    }
+    std::string value;
+    if (eq != std::string::npos) {
+      value = arg.substr(eq + 1);
+    } else if (i + 1 < args.size()) {
+      value = args[++i];
+    } else {
+      throw UsageError(name + " needs a value");
+    }
+    if (value.empty()) throw UsageError(name + " needs a non-empty value");
+
+    if (name == "--config") o.config = value;
+    if (name == "--weights") o.weights = value;
+    if (name == "--inputs") o.inputs = value;
+    if (name == "--output") o.output = value;
+    if (name == "--state-in") o.state_in = value;
+    if (name == "--state-out") o.state_out = value;
+    if (name == "--dtype") {
+      if (value == "float32") {
+        o.dtype = DType::Float32;
+      } else if (value == "float64") {
+        o.dtype = DType::Float64;
+      } else {
+        throw UsageError("--dtype: expected float32 or float64, got " + singleQuoted(value));
+      }
+    }
+    if (name == "--threads") {
+      int n = 0;
+      const char* end = value.data() + value.size();
+      const auto [ptr, ec] = std::from_chars(value.data(), end, n);
+      if (ec != std::errc() || ptr != end || n < 1) {
+        throw UsageError("--threads: expected an integer >= 1, got " + singleQuoted(value));
+      }
+      o.threads = n;
+    }
+  }
+  std::string missing;
+  for (const auto& [name, field] : {std::pair<const char*, const std::string*>{"--config", &o.config},
+                                    {"--weights", &o.weights},
+                                    {"--inputs", &o.inputs},
+                                    {"--output", &o.output}}) {
+    if (field->empty()) missing += (missing.empty() ? "" : ", ") + std::string(name);
+  }
+  if (!missing.empty()) throw UsageError("missing " + missing + " (see kattn-run --help)");
+  if (!o.stream && (o.state_in || o.state_out)) {
+    throw UsageError(std::string(o.state_in ? "--state-in" : "--state-out") +
+                     " needs --stream (a state belongs to a streaming call)");
+  }
+  return o;
+}
+
+/// The whole file at `path`; `what` names its role in messages.
+std::string readFile(const std::string& path, const char* what) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) {
+    throw std::runtime_error(std::string("cannot read ") + what + " " + singleQuoted(path) +
+                             ": it is a directory");
+  }
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    throw std::runtime_error(std::string("cannot open ") + what + " " + singleQuoted(path) + ": " +
+                             std::strerror(errno));
+  }
+  std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  if (in.bad()) throw std::runtime_error(std::string("cannot read ") + what + " " + singleQuoted(path));
+  return bytes;
+}
+
+void writeFile(const std::string& path, const std::string& bytes, const char* what) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  if (!out) {
+    throw std::runtime_error(std::string("cannot open ") + what + " " + singleQuoted(path) +
+                             " for writing: " + std::strerror(errno));
+  }
+  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  out.close();
+  if (!out) throw std::runtime_error(std::string("cannot write ") + what + " " + singleQuoted(path));
+}
+
+kattn::LayerConfig loadConfig(const std::string& path) {
+  const std::string text = readFile(path, "config");
+  try {
+    kattn::LayerConfig config = kattn::io::configFromJsonText(text);
+    config.validate();
+    return config;
+  } catch (const std::invalid_argument& e) {
+    throw std::runtime_error(singleQuoted(path) + ": " + e.what());
+  }
+}
+
+/// Rejects tensors the run would not read, so that a misspelt name ("mask") or a weight the
+/// config ignores (a bias with use_bias false) is an error rather than silently unused.
+void checkWeightNames(const kattn::io::SafeTensors& file, const kattn::LayerConfig& c) {
+  const std::string biases[] = {"query/bias", "key/bias", "value/bias", "attention_output/bias"};
+  std::set<std::string> read = {"query/kernel", "key/kernel", "value/kernel",
+                                "attention_output/kernel"};
+  if (c.use_bias) read.insert(std::begin(biases), std::end(biases));
+  if (c.begin_kernel > 0) {
+    read.insert("attention_output_softmax/kernel");
+    if (c.use_bias) read.insert("attention_output_softmax/bias");
+  }
+  if (c.hasProjection()) read.insert("projection_matrix");
+  for (const std::string& name : file.names()) {
+    if (read.count(name)) continue;
+    std::string why;
+    if (!c.use_bias && (std::count(std::begin(biases), std::end(biases), name) ||
+                        name == "attention_output_softmax/bias")) {
+      why = "the config has use_bias = false";
+    }
+    if (name.rfind("attention_output_softmax/", 0) == 0 && c.begin_kernel == 0) {
+      why = "the config has begin_kernel = 0 (no softmax part)";
+    }
+    if (name == "projection_matrix") {
+      why = "the config has num_random_features = " + std::to_string(c.num_random_features) +
+            " (no projection)";
+    }
+    if (why.empty()) why = "not a weight of this layer";
+    throw std::runtime_error(file.sourceName() + ": tensor '" + printable(name) +
+                             "' is not read: " + why);
+  }
+}
+
+void checkInputNames(const kattn::io::SafeTensors& file, bool stream) {
+  const std::set<std::string> inputs = {"query", "value", "key", "attention_mask"};
+  const std::set<std::string> cache = {"cache/kv", "cache/k_sum"};
+  for (const std::string& name : file.names()) {
+    if (inputs.count(name) || (stream && cache.count(name))) continue;
+    if (cache.count(name)) {
+      throw std::runtime_error(file.sourceName() + ": tensor '" + name +
+                               "' is a streaming cache, read only with --stream");
+    }
+    throw std::runtime_error(file.sourceName() + ": unexpected tensor '" + printable(name) +
+                             "' (inputs are query, value, key, attention_mask" +
+                             (stream ? ", cache/kv, cache/k_sum)" : ")"));
+  }
+}
+
+/// Refuses inputs whose working set would exceed 1 TiB. Only zero-sized dims let a small
+/// file declare such sizes (a [B, T, 0] query holds no data), and the forward would then
+/// size its buffers from B and T: refuse before allocating rather than abort.
+void checkWorkingSize(kattn::Index B, kattn::Index T, kattn::Index S, kattn::Index width,
+                      std::size_t scalar_size) {
+  const double elements = double(B) * double(T + S) * double(width) + double(B) * double(T) * double(S);
+  const double limit = 1024.0 * 1024 * 1024 * 1024;
+  if (elements * double(scalar_size) > limit) {
+    std::ostringstream os;
+    os << "inputs: B = " << B << ", T = " << T << ", S = " << S << " would need about "
+       << elements * double(scalar_size) / (1024.0 * 1024 * 1024)
+       << " GiB of working memory; kattn-run refuses more than 1024 GiB";
+    throw std::runtime_error(os.str());
+  }
+}
+
+template <typename Scalar>
+kattn::StreamingState<Scalar> startState(const Options& opt, const kattn::io::SafeTensors& inputs,
+                                         const kattn::AnyKernelAttention<Scalar>& layer,
+                                         kattn::Index batch) {
+  using kattn::StreamingState;
+  std::optional<StreamingState<Scalar>> state;
+  try {
+    state = layer.makeState(batch);  // recurrent with a decay, exact without
+  } catch (const std::invalid_argument& e) {
+    throw std::runtime_error(std::string("--stream: ") + e.what());
+  }
+  const bool has_kv = inputs.contains("cache/kv"), has_k_sum = inputs.contains("cache/k_sum");
+  if (has_kv != has_k_sum) {
+    throw std::runtime_error(inputs.sourceName() + ": cache/kv and cache/k_sum come together; got " +
+                             (has_kv ? "cache/kv" : "cache/k_sum") + " alone");
+  }
+  if (has_kv && opt.state_in) {
+    throw std::runtime_error("cache/kv in " + inputs.sourceName() + " and --state-in " +
+                             singleQuoted(*opt.state_in) + " both give the starting state; pass one");
+  }
+  if (opt.state_in) {
+    try {
+      return StreamingState<Scalar>::fromBytes(readFile(*opt.state_in, "state"));
+    } catch (const std::runtime_error& e) {
+      throw std::runtime_error(singleQuoted(*opt.state_in) + ": " + e.what());
+    }
+  }
+  if (has_kv) {
+    if (state->mode() != kattn::StreamingMode::Recurrent) {
+      throw std::runtime_error(
+          inputs.sourceName() + ": cache/kv is the reference's recurrent cache, but without "
+          "causal_window_decay kattn streams in exact mode; carry its state with "
+          "--state-out and --state-in");
+    }
+    const auto kv = inputs.tensor<Scalar, 4>("cache/kv");
+    const auto k_sum = inputs.tensor<Scalar, 3>("cache/k_sum");
+    state->setCache(kv, k_sum);
+  }
+  return std::move(*state);
+}
+
+template <typename Scalar>
+void run(const Options& opt, const kattn::LayerConfig& config) {
+  using kattn::ConstTensorMap;
+  using kattn::Index;
+  using kattn::Tensor;
+  kattn::AnyKernelAttention<Scalar> layer(config);  // draws the projection from the seed
+
+  const auto weights = kattn::io::SafeTensors::load(opt.weights);
+  checkWeightNames(weights, config);
+  try {
+    layer.setWeights(kattn::io::loadWeights<Scalar>(weights, config));
+    if (auto P = kattn::io::loadProjection<Scalar>(weights, config)) layer.setProjection(*P);
+  } catch (const std::invalid_argument& e) {
+    throw std::runtime_error(weights.sourceName() + ": " + e.what());
+  }
+
+  const auto inputs = kattn::io::SafeTensors::load(opt.inputs);
+  checkInputNames(inputs, opt.stream);
+  const Tensor<Scalar, 3> query = inputs.tensor<Scalar, 3>("query");
+  const Tensor<Scalar, 3> value = inputs.tensor<Scalar, 3>("value");
+  std::optional<Tensor<Scalar, 3>> key;
+  std::optional<Tensor<Scalar, 2>> mask;
+  std::optional<ConstTensorMap<Scalar, 3>> key_view;
+  std::optional<ConstTensorMap<Scalar, 2>> mask_view;
+  if (inputs.contains("key")) key_view.emplace(key.emplace(inputs.tensor<Scalar, 3>("key")));
+  if (inputs.contains("attention_mask")) {
+    mask_view.emplace(mask.emplace(inputs.tensor<Scalar, 2>("attention_mask")));
+  }
+  const Index per_head = config.key_dim + config.featureDim() + config.resolvedValueDim();
+  checkWorkingSize(query.dimension(0), query.dimension(1), value.dimension(1),
+                   query.dimension(2) + value.dimension(2) + layer.outputDim() +
+                       Index(config.num_heads) * per_head,
+                   sizeof(Scalar));
+
+  kattn::io::SafeTensorsWriter out;
+  std::string state_bytes;
+  if (!opt.stream) {
+    out.add("output", layer.forward(query, value, key_view, mask_view, /*training=*/false));
+  } else {
+    auto state = startState(opt, inputs, layer, query.dimension(0));
+    out.add("output", layer.forward(query, value, key_view, mask_view, state));
+    out.add("cache/kv", state.kv());
+    out.add("cache/k_sum", state.kSum());
+    if (opt.state_out) state_bytes = state.toBytes();
+  }
+  out.write(opt.output);
+  if (opt.state_out) writeFile(*opt.state_out, state_bytes, "state");
+}
+
+int fail(const std::string& what, int code) {
+  std::cerr << "kattn-run: " << printable(what, 2000) << std::endl;
+  return code;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    const Options opt = parseArgs(argc, argv);
+    if (opt.help) {
+      std::cout << kUsage;
+      return 0;
+    }
+    // TODO(layer thread API): pass opt.threads to the layer once it accepts a kattn::ThreadPool.
+    const kattn::LayerConfig config = loadConfig(opt.config);
+    if (opt.dtype == DType::Float64) {
+      run<double>(opt, config);
+    } else {
+      run<float>(opt, config);
+    }
+    return 0;
+  } catch (const UsageError& e) {
+    return fail(e.what(), 2);
+  } catch (const std::bad_alloc&) {
+    return fail("out of memory", 1);
+  } catch (const std::exception& e) {
+    return fail(e.what(), 1);
+  } catch (...) {
+    return fail("unexpected error", 1);
+  }
+}

@@ -96,7 +96,9 @@ kattn::Tensor<double, 3> direct(const kattn::Weights<double>& w, const kattn::Ma
   auto features = [&](const kattn::Tensor<double, 3>& x, const kattn::Tensor<double, 3>& W,
                       const kattn::Tensor<double, 2>& bias, Index b, Index t, Index n) {
     std::vector<double> u(static_cast<std::size_t>(d)), phi(static_cast<std::size_t>(m));
-    for (Index j = 0; j < d; ++j) u[std::size_t(j)] = std::sqrt(scale) * project(x, W, bias, b, t, n, j);
+    for (Index j = 0; j < d; ++j) {
+      u[std::size_t(j)] = std::sqrt(scale) * project(x, W, bias, b, t, n, j);
+    }
     for (Index f = 0; f < m; ++f) {
       double z = 0;
       for (Index j = 0; j < d; ++j) z += u[std::size_t(j)] * P(f, j);
@@ -112,19 +114,25 @@ kattn::Tensor<double, 3> direct(const kattn::Weights<double>& w, const kattn::Ma
         const std::vector<double> qf = features(xq, w.query_kernel, w.query_bias, b, t, n);
         double den = 1e-6;
         for (Index s = 0; s < S; ++s) {
-          std::vector<double> kf = features(xk, w.key_kernel, w.key_bias, b, s, n);
+          const std::vector<double> kf = features(xk, w.key_kernel, w.key_bias, b, s, n);
           double score = 0;
-          for (Index f = 0; f < m; ++f) score += qf[std::size_t(f)] * kf[std::size_t(f)] * mask(b, s);
+          for (Index f = 0; f < m; ++f) {
+            score += qf[std::size_t(f)] * kf[std::size_t(f)] * mask(b, s);
+          }
           den += score;
-          for (Index j = 0; j < dv; ++j)
-            heads[std::size_t(n * dv + j)] += score * project(xv, w.value_kernel, w.value_bias, b, s, n, j);
+          for (Index j = 0; j < dv; ++j) {
+            heads[std::size_t(n * dv + j)] +=
+                score * project(xv, w.value_kernel, w.value_bias, b, s, n, j);
+          }
         }
         for (Index j = 0; j < dv; ++j) heads[std::size_t(n * dv + j)] /= den;
       }
       for (Index o = 0; o < O; ++o) {
         double s = w.output_bias(o);
         for (Index n = 0; n < N; ++n)
-          for (Index j = 0; j < dv; ++j) s += heads[std::size_t(n * dv + j)] * w.output_kernel(n, j, o);
+          for (Index j = 0; j < dv; ++j) {
+            s += heads[std::size_t(n * dv + j)] * w.output_kernel(n, j, o);
+          }
         y(b, t, o) = s;
       }
     }

@@ -40,18 +40,18 @@ kattn::Weights<float> randomWeights(kattn::Index D, kattn::Index N, kattn::Index
 }  // namespace
 
 int main() {
-  kattn::LayerConfig config;           // the reference's option names
-  config.num_heads = 4;
-  config.key_dim = 32;
-  config.feature_transform = "relu";
-  config.num_random_features = 128;    // m; the projection is drawn from config.seed
-  config.seed = 1;
-  kattn::KernelAttention<float, kattn::Relu> layer(config);
-  layer.setWeights(randomWeights(/*D=*/128, /*N=*/4, /*d=*/32, /*O=*/128, /*seed=*/0));
+  kattn::LayerConfig cfg;                  // the reference's Keras option names
+  cfg.num_heads = 8;
+  cfg.key_dim = 64;
+  cfg.feature_transform = "exp";           // FAVOR+ positive random features
+  cfg.num_random_features = 256;
+  cfg.seed = 7;                            // same seed, same projection as TensorFlow
+  kattn::KernelAttention<float, kattn::Exp> layer(cfg);
+  layer.setWeights(randomWeights(/*D=*/512, /*N=*/8, /*d=*/64, /*O=*/512, /*seed=*/0));
 
-  kattn::Tensor<float, 3> x(2, 1000, 128);           // [B, T, D]
+  kattn::Tensor<float, 3> x(2, 1000, 512);           // [B, T, D]
   x.setRandom();
-  kattn::Tensor<float, 3> y = layer.forward(x, x);   // self-attention: query = value = x
+  kattn::Tensor<float, 3> y = layer.forward(x, x);   // self-attention: y [B, T, D]
   std::printf("output shape [%ld, %ld, %ld]\n", long(y.dimension(0)), long(y.dimension(1)),
               long(y.dimension(2)));
   return 0;

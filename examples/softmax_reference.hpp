@@ -51,8 +51,9 @@ using Rows = Eigen::Ref<kattn::Matrix<Scalar>, 0, Eigen::OuterStride<>>;
 /// without -march=native, on the 2-core machine the demo was written on. The results do not
 /// depend on them beyond rounding.
 struct SoftmaxBlocking {
-  Index query_rows = 64;   ///< queries per block (one task of the pool)
+  Index query_rows = 64;   ///< queries per block (one task of the pool in softmaxAttention)
   Index key_rows = 256;    ///< keys per inner step
+  Index slab_rows = 256;   ///< multiHeadSoftmaxAttention: most query rows per task
 };
 
 /// Scratch of one query block, reused across key blocks and heads.
@@ -194,7 +195,7 @@ void naiveSoftmaxAttention(const ConstRows<Scalar>& q, const ConstRows<Scalar>& 
  * \throws std::invalid_argument on mismatched shapes.
  * \note Per batch row, keeps the projected keys and values [S, N d] and [S, N d_v] (what any
  *       exact attention must keep or recompute); queries are projected, attended and
- *       projected out one block at a time, so nothing else grows with T.
+ *       projected out one slab of rows at a time, so nothing else grows with T.
  */
 template <typename Scalar>
 kattn::Tensor<Scalar, 3> multiHeadSoftmaxAttention(
@@ -247,23 +248,33 @@ kattn::Tensor<Scalar, 3> multiHeadSoftmaxAttention(
 
   kattn::Tensor<Scalar, 3> y(B, T, O);
   Mat ks, vs;
-  const Index Bq = blocking.query_rows, blocks = (T + Bq - 1) / Bq;
+  // A task projects a slab of query rows, attends it in blocks of query_rows, and projects
+  // it out: slabs of slab_rows amortise the packing of Wq and Wo in the GEMMs, and are cut
+  // smaller when there would be too few of them to keep the threads busy.
+  const Index Bq = blocking.query_rows;
+  const Index threads = pool ? pool->threads() : 1;
+  const Index wanted = std::max<Index>(Bq, (T + 4 * threads - 1) / (4 * threads));
+  const Index slab = std::min(blocking.slab_rows, (wanted + Bq - 1) / Bq * Bq);
+  const Index slabs = (T + slab - 1) / slab;
   for (Index b = 0; b < B; ++b) {
     dense(xk, b, Wk, w.key_bias, ks);
     dense(value, b, Wv, w.value_bias, vs);
-    forEach(blocks, [&](Index i) {
-      const Index q0 = i * Bq, L = std::min(Bq, T - q0);
-      Mat qb(L, N * d), heads(L, N * dv);
-      qb.noalias() = ConstMap(query.data() + (b * T + q0) * Dq, L, Dq) * Wq;
-      if (w.query_bias.size()) qb.rowwise() += Eigen::Map<const RowVec>(w.query_bias.data(), N * d);
-      qb *= s;
+    forEach(slabs, [&](Index i) {
+      const Index r0 = i * slab, R = std::min(slab, T - r0);
+      Mat qs(R, N * d), heads(R, N * dv);
+      qs.noalias() = ConstMap(query.data() + (b * T + r0) * Dq, R, Dq) * Wq;
+      if (w.query_bias.size()) qs.rowwise() += Eigen::Map<const RowVec>(w.query_bias.data(), N * d);
+      qs *= s;
       SoftmaxScratch<Scalar> ws;
-      for (Index n = 0; n < N; ++n) {
-        softmaxAttentionBlock<Scalar>(qb.middleCols(n * d, d), ks.middleCols(n * d, d),
-                                      vs.middleCols(n * dv, dv), causal, q0, blocking.key_rows,
-                                      ws, heads.middleCols(n * dv, dv));
+      for (Index q0 = 0; q0 < R; q0 += Bq) {
+        const Index L = std::min(Bq, R - q0);
+        for (Index n = 0; n < N; ++n) {
+          softmaxAttentionBlock<Scalar>(qs.block(q0, n * d, L, d), ks.middleCols(n * d, d),
+                                        vs.middleCols(n * dv, dv), causal, r0 + q0,
+                                        blocking.key_rows, ws, heads.block(q0, n * dv, L, dv));
+        }
       }
-      Eigen::Map<Mat> yb(y.data() + (b * T + q0) * O, L, O);
+      Eigen::Map<Mat> yb(y.data() + (b * T + r0) * O, R, O);
       yb.noalias() = heads * Wo;
       if (w.output_bias.size()) yb.rowwise() += Eigen::Map<const RowVec>(w.output_bias.data(), O);
     });

@@ -195,10 +195,13 @@ class StreamingState {
       getTerms(is, h.ring_kv, h.ring_z, F, V, window);
       getTerms(is, h.front_kv, h.front_z, F, V, window);
       const std::int64_t pos = getInt(is);
-      if (pos < 0 || pos > std::int64_t(h.front_kv.size()) || std::int64_t(h.windowChunks()) > window) {
+      if (pos < 0 || pos > std::int64_t(h.front_kv.size())) {
         throw std::runtime_error("StreamingState::load: corrupt window");
       }
       h.front_pos = std::size_t(pos);
+      if (std::int64_t(h.windowChunks()) > window) {
+        throw std::runtime_error("StreamingState::load: corrupt window");
+      }
     }
     return s;
   }

@@ -239,13 +239,16 @@ class StreamingState {
                        std::int64_t window) {
     const std::int64_t n = getInt(is);
     if (n < 0 || n > window) throw std::runtime_error("StreamingState::load: corrupt window");
-    kv.resize(std::size_t(n));
-    z.resize(std::size_t(n));
-    for (std::size_t i = 0; i < std::size_t(n); ++i) {
-      kv[i].resize(F, V);
-      z[i].resize(F);
-      getRaw(is, kv[i].data(), std::size_t(kv[i].size()));
-      getRaw(is, z[i].data(), std::size_t(z[i].size()));
+    // The count comes from the stream (the window bounds it, and a corrupt window can be
+    // huge): grow term by term, so that memory follows the bytes actually read and a
+    // truncated stream fails before it could allocate what it does not hold.
+    kv.clear();
+    z.clear();
+    for (std::int64_t i = 0; i < n; ++i) {
+      kv.emplace_back(F, V);
+      z.emplace_back(F);
+      getRaw(is, kv.back().data(), std::size_t(kv.back().size()));
+      getRaw(is, z.back().data(), std::size_t(z.back().size()));
     }
   }
   static std::int64_t getInt(std::istream& is) {

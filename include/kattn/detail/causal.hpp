@@ -125,6 +125,11 @@ void causalGroup(const CausalParams& p, CausalHeadState<Scalar>& st, const Const
   const Scalar gamma = Scalar(p.gamma);
   const bool decays = p.gamma != 1.0;
 
+  // gamma^dc for every chunk distance in the group, so the L x L loop does no pow.
+  Vector<Scalar> gpow(n_chunks + 1);
+  gpow(0) = Scalar(1);
+  for (Index c = 1; c <= n_chunks; ++c) gpow(c) = gpow(c - 1) * gamma;
+
   Matrix<Scalar> scores = qf * kf.transpose();  // [L, L]
   for (Index t = 0; t < L; ++t) {
     for (Index s = 0; s < L; ++s) {
@@ -132,7 +137,7 @@ void causalGroup(const CausalParams& p, CausalHeadState<Scalar>& st, const Const
       if (dc < 0) {
         scores(t, s) = Scalar(0);
       } else if (decays) {
-        scores(t, s) *= std::pow(gamma, Scalar(dc));
+        scores(t, s) *= gpow(dc);
       }
     }
   }
@@ -140,24 +145,31 @@ void causalGroup(const CausalParams& p, CausalHeadState<Scalar>& st, const Const
   out.noalias() = qf * st.kv;
   if (decays) {
     for (Index t = 0; t < L; ++t) {
-      const Scalar g = std::pow(gamma, Scalar(chunk_of[t] + 1));
+      const Scalar g = gpow(chunk_of[t] + 1);
       den(t) *= g;
       out.row(t) *= g;
     }
   }
-  out.noalias() += scores * v;
+  if (v.allFinite()) {
+    out.noalias() += scores * v;
+  } else {
+    // A non-finite future value would reach earlier rows as 0 * Inf = NaN through the
+    // zeroed scores: restrict each row to its past (rare, so the row-by-row cost is fine).
+    Index end = 0;
+    for (Index t = 0; t < L; ++t) {
+      while (end < L && chunk_of[end] <= chunk_of[t]) ++end;
+      out.row(t).noalias() += scores.row(t).head(end) * v.topRows(end);
+    }
+  }
   den += scores.rowwise().sum();
   den.array() += Scalar(kNormaliserEps);
   divideRows<Scalar>(out, den);
 
   if (decays) {
-    const Scalar g_all = std::pow(gamma, Scalar(n_chunks));
-    st.kv *= g_all;
-    st.z *= g_all;
+    st.kv *= gpow(n_chunks);
+    st.z *= gpow(n_chunks);
     Matrix<Scalar> wk = kf;
-    for (Index s = 0; s < L; ++s) {
-      wk.row(s) *= std::pow(gamma, Scalar(n_chunks - 1 - chunk_of[s]));
-    }
+    for (Index s = 0; s < L; ++s) wk.row(s) *= gpow(n_chunks - 1 - chunk_of[s]);
     st.kv.noalias() += wk.transpose() * v;
     st.z += wk.colwise().sum().transpose();
   } else {

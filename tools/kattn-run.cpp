@@ -47,12 +47,16 @@ Runs one kernel attention layer (the TF Model Garden KernelAttention) over safet
   --state-out FILE  with --stream: save the state after this call in kattn's own format;
                     the only way to continue an exact-mode stream (no causal_window_decay)
   --dtype TYPE      compute and write in float32 (default) or float64
-  --threads N       threads to use, N >= 1 (checked; the layer runs on one thread for now)
+  --threads N       threads to use, 1 to 1024 (default: one per core); results do not
+                    depend on it
   -h, --help        print this help and exit
 
 Exit status: 0 on success; 1 for an invalid or unreadable input, or an unwritable output;
 2 for a command-line mistake. Files: docs/kattn-run.md.
 )";
+
+/// More threads than this is a typo, not a machine; the pool would try to start them all.
+constexpr int kMaxThreads = 1024;
 
 /// A command-line mistake (exit code 2); every other failure exits with 1.
 class UsageError : public std::runtime_error {
@@ -67,7 +71,7 @@ struct Options {
   std::optional<std::string> state_in, state_out;
   bool stream = false;
   DType dtype = DType::Float32;
-  int threads = 1;
+  std::optional<int> threads;  // absent: the layer's default pool, one thread per core
   bool help = false;
 };
 
@@ -140,8 +144,9 @@ Options parseArgs(int argc, char** argv) {
       int n = 0;
       const char* end = value.data() + value.size();
       const auto [ptr, ec] = std::from_chars(value.data(), end, n);
-      if (ec != std::errc() || ptr != end || n < 1) {
-        throw UsageError("--threads: expected an integer >= 1, got " + singleQuoted(value));
+      if (ec != std::errc() || ptr != end || n < 1 || n > kMaxThreads) {
+        throw UsageError("--threads: expected an integer from 1 to " +
+                         std::to_string(kMaxThreads) + ", got " + singleQuoted(value));
       }
       o.threads = n;
     }
@@ -310,6 +315,7 @@ void run(const Options& opt, const kattn::LayerConfig& config) {
   using kattn::Index;
   using kattn::Tensor;
   kattn::AnyKernelAttention<Scalar> layer(config);  // draws the projection from the seed
+  if (opt.threads) layer.setThreads(*opt.threads);
 
   const auto weights = kattn::io::SafeTensors::load(opt.weights);
   checkWeightNames(weights, config);
@@ -367,7 +373,6 @@ int main(int argc, char** argv) {
       std::cout << kUsage;
       return 0;
     }
-    // TODO(layer thread API): pass opt.threads to the layer once it accepts a kattn::ThreadPool.
     const kattn::LayerConfig config = loadConfig(opt.config);
     if (opt.dtype == DType::Float64) {
       run<double>(opt, config);

@@ -14,7 +14,7 @@
 // and run-time layers, bidirectional exp with a projection, causal relu with both streaming
 // modes, pool of 2 threads and no pool); training calls from 8 threads give the same set of
 // outputs as the same number of sequential calls; and inference results do not depend on the
-// number of threads (1, 2, 8). scripts/tsan.sh runs this binary under ThreadSanitizer.
+// number of threads (1, 2, 8). scripts/test.sh runs it under ThreadSanitizer (clang suite).
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -397,7 +397,7 @@ TEST(Concurrency, TrainingDropoutOnlyNoRedraw) {
 
 constexpr Index kDetDim = 24;
 
-// Under ThreadSanitizer (scripts/tsan.sh) the causal sequences are cut to 2100 tokens, still
+// Under ThreadSanitizer (the clang suite of scripts/test.sh) the causal sequences are cut to 2100 tokens, still
 // more than one 2048-row block of the whole pass, to keep that run within a few minutes.
 #if defined(__SANITIZE_THREAD__)
 constexpr bool kUnderTsan = true;

@@ -839,6 +839,17 @@ class KernelAttention {
       if (drop) dropout(w.heads, call, part, b, q0);
       emit(in, w.heads, b, q0, kernel, bias, output, pool);
     };
+    if (in.S == 0) {
+      // No keys: every sum over keys is empty, so the heads are zero and the output is the
+      // bias (and the per-head column blocks of 0-row matrices are never formed).
+      forBatchRows(in.B, [&](Index b, const ThreadPool* pool) {
+        Workspace ws(*this);
+        RowWork& w = *ws;
+        w.heads.setZero(q1 - q0, m_heads * m_value_dim);
+        emit(in, w.heads, b, q0, kernel, bias, output, pool);
+      });
+      return;
+    }
     if constexpr (feature_map_traits<Map>::pair_statistics) {
       if (P && !short_path) {
         std::vector<RowWork> rows = projectBatch(in, q0, q1, scales);

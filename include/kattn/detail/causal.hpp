@@ -150,15 +150,24 @@ void causalGroup(const CausalParams& p, CausalHeadState<Scalar>& st, const Const
       out.row(t) *= g;
     }
   }
-  if (v.allFinite()) {
+  Index bad = 0;  // the first row of v with a non-finite entry (rare)
+  while (bad < L && v.row(bad).allFinite()) ++bad;
+  if (bad == L) {
     out.noalias() += scores * v;
   } else {
-    // A non-finite future value would reach earlier rows as 0 * Inf = NaN through the
-    // zeroed scores: restrict each row to its past (rare, so the row-by-row cost is fine).
+    // 0 * Inf = NaN would carry a future non-finite value to earlier rows through the zeroed
+    // scores. Rows before its chunk take the product with those values zeroed (bit for bit
+    // what they get without them); the later rows sum over their own past only.
+    const Matrix<Scalar> base = out;
+    Matrix<Scalar> finite_v = v;
+    for (Index s = bad; s < L; ++s)
+      if (!v.row(s).allFinite()) finite_v.row(s).setZero();
+    out.noalias() += scores * finite_v;
     Index end = 0;
     for (Index t = 0; t < L; ++t) {
+      if (chunk_of[t] < chunk_of[bad]) continue;
       while (end < L && chunk_of[end] <= chunk_of[t]) ++end;
-      out.row(t).noalias() += scores.row(t).head(end) * v.topRows(end);
+      out.row(t).noalias() = base.row(t) + scores.row(t).head(end) * v.topRows(end);
     }
   }
   den += scores.rowwise().sum();

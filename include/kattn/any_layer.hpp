@@ -115,6 +115,19 @@ std::unique_ptr<AnyLayerBase<Scalar>> makeAnyLayer(const LayerConfig& c) {
                               featureTransformList());
 }
 
+// KATTN_EXTERN_TEMPLATES (layer.hpp): the run-time layer's constructor, which instantiates
+// every built-in layer, is compiled once too (<kattn/instances.hpp>).
+#if defined(KATTN_EXTERN_TEMPLATES) && !defined(KATTN_INSTANTIATING)
+extern template std::unique_ptr<AnyLayerBase<float>> makeAnyLayer<float, Bidirectional>(
+    const LayerConfig&);
+extern template std::unique_ptr<AnyLayerBase<float>> makeAnyLayer<float, CausalWindowed>(
+    const LayerConfig&);
+extern template std::unique_ptr<AnyLayerBase<double>> makeAnyLayer<double, Bidirectional>(
+    const LayerConfig&);
+extern template std::unique_ptr<AnyLayerBase<double>> makeAnyLayer<double, CausalWindowed>(
+    const LayerConfig&);
+#endif
+
 }  // namespace detail
 
 /**

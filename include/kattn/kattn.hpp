@@ -4,6 +4,7 @@
 
 #include "parallel.hpp"
 #include "tensor.hpp"
+#include "limits.hpp"
 #include "config.hpp"
 #include "feature_maps.hpp"
 #include "projection.hpp"

@@ -21,6 +21,7 @@
 #include "detail/causal.hpp"
 #include "detail/random_bits.hpp"
 #include "feature_maps.hpp"
+#include "limits.hpp"
 #include "masking.hpp"
 #include "parallel.hpp"
 #include "projection.hpp"
@@ -104,6 +105,11 @@ class KernelAttention {
     m_value_dim = config.resolvedValueDim();
     m_scale = config.resolvedScale();
     if (config.hasProjection()) {
+      checkAllocation("the projection [num_random_features, key_dim] = [" +
+                          std::to_string(config.num_random_features) + ", " +
+                          std::to_string(config.key_dim) + "]",
+                      double(config.num_random_features) * double(config.key_dim),
+                      sizeof(Scalar));
       m_projection = randomProjection<Scalar>(config.num_random_features, config.key_dim,
                                               config.seed);
     }
@@ -203,7 +209,7 @@ class KernelAttention {
                             const std::optional<ConstTensorMap<Scalar, 2>>& attention_mask =
                                 std::nullopt,
                             bool training = false) const {
-    Tensor<Scalar, 3> out(query.dimension(0), query.dimension(1), outputDimOrThrow());
+    Tensor<Scalar, 3> out = newOutput(query.dimension(0), query.dimension(1));
     forwardInto(query, value, key, attention_mask, training, nullptr, TensorMap<Scalar, 3>(out));
     return out;
   }
@@ -250,7 +256,7 @@ class KernelAttention {
                   "A streaming state needs a causal layer: use kattn::CausalWindowed masking.");
     static_assert(!Traits::bidirectional_only,
                   "This feature map uses whole-sequence statistics (expplus) and cannot stream.");
-    Tensor<Scalar, 3> out(query.dimension(0), query.dimension(1), outputDimOrThrow());
+    Tensor<Scalar, 3> out = newOutput(query.dimension(0), query.dimension(1));
     forwardInto(query, value, key, attention_mask, false, &state, TensorMap<Scalar, 3>(out));
     return out;
   }
@@ -268,7 +274,7 @@ class KernelAttention {
                            const std::optional<ConstTensorMap<Scalar, 2>>& attention_mask =
                                std::nullopt,
                            bool training = false) const {
-    Tensor<Scalar, 4> heads(q.dimension(0), q.dimension(1), m_heads, m_value_dim);
+    Tensor<Scalar, 4> heads = newHeads(q.dimension(0), q.dimension(1));
     attend(q, k, v, attention_mask, training, TensorMap<Scalar, 4>(heads));
     return heads;
   }
@@ -292,7 +298,7 @@ class KernelAttention {
                   "A streaming state needs a causal layer: use kattn::CausalWindowed masking.");
     static_assert(!Traits::bidirectional_only,
                   "This feature map uses whole-sequence statistics (expplus) and cannot stream.");
-    Tensor<Scalar, 4> heads(q.dimension(0), q.dimension(1), m_heads, m_value_dim);
+    Tensor<Scalar, 4> heads = newHeads(q.dimension(0), q.dimension(1));
     const Inputs in = checkHeads(q, k, v, attention_mask, TensorMap<Scalar, 4>(heads));
     checkState(state, in);
     run(in, false, &state, TensorMap<Scalar, 3>(nullptr, 0, 0, 0));
@@ -335,6 +341,23 @@ class KernelAttention {
       throw std::logic_error("KernelAttention::forward: no weights set (call setWeights first)");
     }
     return m_out_dim;
+  }
+
+  /// The owning forward's output [B, T, O], within the memory limit.
+  Tensor<Scalar, 3> newOutput(Index B, Index T) const {
+    const Index O = outputDimOrThrow();
+    checkAllocation("the output [B, T, O] = " + shapeString(std::array<Index, 3>{B, T, O}),
+                    double(B) * double(T) * double(O), sizeof(Scalar));
+    return Tensor<Scalar, 3>(B, T, O);
+  }
+
+  /// The owning attend()'s heads [B, T, N, d_v], within the memory limit.
+  Tensor<Scalar, 4> newHeads(Index B, Index T) const {
+    const std::array<Index, 4> dims{B, T, m_heads, m_value_dim};
+    checkAllocation("the heads [B, T, N, d_v] = " + shapeString(dims),
+                    double(B) * double(T) * double(m_heads) * double(m_value_dim),
+                    sizeof(Scalar));
+    return Tensor<Scalar, 4>(dims);
   }
 
   Inputs checkInputs(const ConstTensorMap<Scalar, 3>& query, const ConstTensorMap<Scalar, 3>& value,
@@ -839,6 +862,32 @@ class KernelAttention {
       if (drop) dropout(w.heads, call, part, b, q0);
       emit(in, w.heads, b, q0, kernel, bias, output, pool);
     };
+    {
+      // Refuse before any buffer exists (tasks on the pool must not throw). The quadratic
+      // forms hold one [T, S] score matrix per thread.
+      const Index F = featureDim(m_key_dim, P), Tq = q1 - q0;
+      const bool quadratic = short_path || (m_form == CoreForm::Auto
+                                                ? detail::explicitIsCheaper(Tq, in.S, F, m_value_dim)
+                                                : m_form == CoreForm::Explicit);
+      if (quadratic) {
+        checkAllocation(std::string(short_path ? "the short-sequence path's" : "the explicit form's") +
+                            " attention matrices [T, S] = [" + std::to_string(Tq) + ", " +
+                            std::to_string(in.S) + "], one per thread",
+                        double(Tq) * double(in.S) * double(m_pool ? m_pool->threads() : 1),
+                        sizeof(Scalar));
+      }
+      // The low-rank form streams keys and queries in blocks and holds only the heads
+      // [T, N d_v]; the others hold a batch row's (expplus: the batch's) projections and
+      // features, for queries and keys.
+      const bool whole_rows = quadratic || (feature_map_traits<Map>::pair_statistics && P);
+      const double per_row = double(m_heads) * (whole_rows ? double(2 * m_key_dim + 2 * F + m_value_dim)
+                                                           : double(m_value_dim));
+      const double batch = feature_map_traits<Map>::pair_statistics && P ? double(in.B) : 1.0;
+      const double rows = whole_rows ? batch * (double(Tq) + double(in.S)) : double(Tq);
+      checkAllocation("the working buffers of " + std::to_string(Tq) + " queries and " +
+                          std::to_string(in.S) + " keys",
+                      rows * per_row, sizeof(Scalar));
+    }
     if (in.S == 0) {
       // No keys: every sum over keys is empty, so the heads are zero and the output is the
       // bias (and the per-head column blocks of 0-row matrices are never formed).
@@ -924,38 +973,10 @@ class KernelAttention {
     run(in, training, state, output);
   }
 
-  /// Everything after the input checks, for forward and attend.
+  /// Everything after the input checks, for forward and attend. Defined after the class, not
+  /// inline, so that KATTN_EXTERN_TEMPLATES can keep it out of a translation unit.
   void run(const Inputs& in, bool training, StreamingState<Scalar>* state,
-           TensorMap<Scalar, 3> output) const {
-    if constexpr (Masking::causal) {
-      if (state) checkState(*state, in);
-    }
-    const std::vector<Scalar> scales = batchScales(in);
-    const bool random_call = training && (m_config.dropout > 0 || m_config.redraw);
-    const std::uint64_t call = random_call ? m_training_calls.value.fetch_add(1) : 0;
-    Mat redrawn;
-    const Mat* P = callProjection(training, call, redrawn);
-    const bool drop = training && m_config.dropout > 0;
-    if (in.B == 0 || in.T == 0) return;
-
-    if constexpr (Masking::causal) {
-      if (state) {
-        streamingForward(in, P, *state, output);
-      } else {
-        causalForward(in, scales, P, drop, call, output);
-      }
-    } else {
-      const Index K = std::min<Index>(m_config.begin_kernel, in.T);
-      if (K > 0) {
-        bidirectionalPart(Identity{}, true, in, 0, K, scales, P, drop, call, 1,
-                          m_weights.output_softmax_kernel, m_weights.output_softmax_bias, output);
-      }
-      if (K < in.T) {
-        bidirectionalPart(FeatureMap{}, m_config.is_short_seq, in, K, in.T, scales, P, drop, call,
-                          0, m_weights.output_kernel, m_weights.output_bias, output);
-      }
-    }
-  }
+           TensorMap<Scalar, 3> output) const;
 
   // ---- causal ---------------------------------------------------------------------------
 
@@ -1096,6 +1117,19 @@ class KernelAttention {
       params.window = m_masking.window;
       params.drop = true;
     }
+    if (state.mode() == StreamingMode::Exact && in.B > 0) {
+      // The window's chunk terms are kept twice (ring and suffix sums) for every head.
+      const double chunks =
+          std::min(double(m_masking.window), double(state.head(0, 0).windowChunks()) +
+                                                 double((T + m_masking.chunk - 1) / m_masking.chunk));
+      const double F = double(state.features()), dv = double(m_value_dim);
+      checkAllocation("the exact streaming window of " + std::to_string(Index(chunks)) + " chunks",
+                      2 * chunks * double(in.B) * double(N) * (F * dv + F), sizeof(Scalar));
+    }
+    checkAllocation("one streaming call's projections and features (" + std::to_string(T) +
+                        " tokens)",
+                    double(T) * double(N) * double(3 * m_key_dim + 3 * numFeatures() + 2 * m_value_dim),
+                    sizeof(Scalar));
     const Scalar r = std::sqrt(Scalar(m_scale));
     forBatchRows(in.B, [&](Index b, const ThreadPool* pool) {
       Workspace ws(*this);
@@ -1153,6 +1187,60 @@ class KernelAttention {
   };
   std::shared_ptr<WorkspacePool> m_workspace = std::make_shared<WorkspacePool>();
 };
+
+template <typename Scalar, typename FeatureMap, typename Masking>
+void KernelAttention<Scalar, FeatureMap, Masking>::run(const Inputs& in, bool training,
+                                                       StreamingState<Scalar>* state,
+                                                       TensorMap<Scalar, 3> output) const {
+  if constexpr (Masking::causal) {
+    if (state) checkState(*state, in);
+  }
+  const std::vector<Scalar> scales = batchScales(in);
+  const bool random_call = training && (m_config.dropout > 0 || m_config.redraw);
+  const std::uint64_t call = random_call ? m_training_calls.value.fetch_add(1) : 0;
+  Mat redrawn;
+  const Mat* P = callProjection(training, call, redrawn);
+  const bool drop = training && m_config.dropout > 0;
+  if (in.B == 0 || in.T == 0) return;
+
+  if constexpr (Masking::causal) {
+    if (state) {
+      streamingForward(in, P, *state, output);
+    } else {
+      causalForward(in, scales, P, drop, call, output);
+    }
+  } else {
+    const Index K = std::min<Index>(m_config.begin_kernel, in.T);
+    if (K > 0) {
+      bidirectionalPart(Identity{}, true, in, 0, K, scales, P, drop, call, 1,
+                        m_weights.output_softmax_kernel, m_weights.output_softmax_bias, output);
+    }
+    if (K < in.T) {
+      bidirectionalPart(FeatureMap{}, m_config.is_short_seq, in, K, in.T, scales, P, drop, call,
+                        0, m_weights.output_kernel, m_weights.output_bias, output);
+    }
+  }
+}
+
+// Compile-time lever for programs with many translation units: the forward pass of every
+// layer type used is otherwise compiled in each of them (most of a build's time). Define
+// KATTN_EXTERN_TEMPLATES in every translation unit and include <kattn/instances.hpp> in one
+// (or spread its KATTN_INSTANCE parts over several): the built-in layers are compiled once.
+#define KATTN_FOR_EACH_BUILTIN_MAP(X, S, K) \
+  X(S, Elu, K) X(S, Relu, K) X(S, Square, K) X(S, Exp, K) X(S, ExpMod, K) X(S, ExpPlus, K) X(S, Identity, K)
+
+#define KATTN_LAYER_RUN(PREFIX, S, M, K)                                                      \
+  PREFIX template void KernelAttention<S, M, K>::run(                                          \
+      const KernelAttention<S, M, K>::Inputs&, bool, StreamingState<S>*, TensorMap<S, 3>) const;
+
+#if defined(KATTN_EXTERN_TEMPLATES) && !defined(KATTN_INSTANTIATING)
+#define KATTN_EXTERN_LAYER_RUN(S, M, K) KATTN_LAYER_RUN(extern, S, M, K)
+KATTN_FOR_EACH_BUILTIN_MAP(KATTN_EXTERN_LAYER_RUN, float, Bidirectional)
+KATTN_FOR_EACH_BUILTIN_MAP(KATTN_EXTERN_LAYER_RUN, float, CausalWindowed)
+KATTN_FOR_EACH_BUILTIN_MAP(KATTN_EXTERN_LAYER_RUN, double, Bidirectional)
+KATTN_FOR_EACH_BUILTIN_MAP(KATTN_EXTERN_LAYER_RUN, double, CausalWindowed)
+#undef KATTN_EXTERN_LAYER_RUN
+#endif
 
 /// Short aliases for the common instantiations.
 template <typename Scalar, typename FeatureMap>

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "detail/causal.hpp"
+#include "limits.hpp"
 #include "tensor.hpp"
 
 namespace kattn {
@@ -59,6 +60,11 @@ class StreamingState {
                                   std::to_string(features) + ", value_dim " +
                                   std::to_string(value_dim) + ")");
     }
+    checkAllocation("a StreamingState of batch " + std::to_string(batch) + ", " +
+                        std::to_string(heads) + " heads, " + std::to_string(features) +
+                        " features and value_dim " + std::to_string(value_dim),
+                    double(batch) * double(heads) * (double(features) * double(value_dim) + features),
+                    sizeof(Scalar));
     reset();
   }
 

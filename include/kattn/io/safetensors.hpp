@@ -55,6 +55,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "kattn/limits.hpp"
 #include "kattn/tensor.hpp"
 
 namespace kattn::io {
@@ -317,6 +318,7 @@ class SafeTensors {
       throw std::runtime_error(where + ": file of " + std::to_string(size) +
                                " bytes does not fit in memory");
     }
+    checkAllocation("safetensors file " + where, double(size), 1);
     std::vector<std::uint8_t> bytes(std::min<std::uintmax_t>(size, 8));
     if (std::fread(bytes.data(), 1, bytes.size(), file.get()) != bytes.size()) {
       throw std::runtime_error(where + ": read error");
@@ -392,7 +394,13 @@ class SafeTensors {
                               std::to_string(ti.shape.size()) + ")");
     }
     Eigen::array<Index, Rank> dims;
-    for (int i = 0; i < Rank; ++i) dims[i] = ti.shape[static_cast<std::size_t>(i)];
+    double count = 1;
+    for (int i = 0; i < Rank; ++i) {
+      dims[i] = ti.shape[static_cast<std::size_t>(i)];
+      count *= double(dims[i]);
+    }
+    checkAllocation("tensor '" + detail::printable(ti.name, 200) + "' of " + m_source, count,
+                    sizeof(Scalar));
     Tensor<Scalar, Rank> out(dims);
     detail::convertElements(ti.dtype, m_bytes.data() + m_data_begin + ti.begin, out.data(),
                             static_cast<std::size_t>(out.size()));

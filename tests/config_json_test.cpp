@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <iterator>
 #include <limits>
 #include <string>
 
@@ -38,6 +39,8 @@ void expectSameConfig(const LayerConfig& a, const LayerConfig& b) {
   EXPECT_EQ(a.causal_window_length, b.causal_window_length);
   EXPECT_EQ(a.causal_window_decay, b.causal_window_decay);
   EXPECT_EQ(a.causal_padding, b.causal_padding);
+  EXPECT_EQ(a.kernel_initializer, b.kernel_initializer);
+  EXPECT_EQ(a.bias_initializer, b.bias_initializer);
 }
 
 /// Expects configFromJson(j) to throw std::invalid_argument whose one-line message contains
@@ -89,6 +92,11 @@ LayerConfig everythingSet() {
   c.causal_window_length = 9;
   c.causal_window_decay = 1.0 / 3.0;
   c.causal_padding = "left";
+  c.kernel_initializer.name = "truncated_normal";
+  c.kernel_initializer.mean = 0.25;
+  c.kernel_initializer.stddev = 0.02;
+  c.bias_initializer.name = "constant";
+  c.bias_initializer.value = -0.5;
   return c;
 }
 
@@ -364,7 +372,7 @@ TEST(ConfigJsonText, DeepNestingIsRefused) {
   expectTextError(deep, {"nests deeper"});
   // Keras's own nesting (an initialiser's config) is well within the limit.
   EXPECT_NO_THROW((void)configFromJsonText(
-      R"({"num_heads": 2, "key_dim": 8, "kernel_initializer": {"config": {"seed": {"a": [[1]]}}}})"));
+      R"({"num_heads": 2, "key_dim": 8, "kernel_regularizer": {"config": {"l2": {"a": [[1]]}}}})"));
 }
 
 TEST(ConfigJsonText, MessagesStayOneLineForControlCharacters) {
@@ -372,6 +380,58 @@ TEST(ConfigJsonText, MessagesStayOneLineForControlCharacters) {
                   {"unknown key", "\"bad\\nkey\""});
   expectTextError("{\"num_heads\": \"a\\u0001b\", \"key_dim\": 8}",
                   {"num_heads", "string \"a\\u0001b\""});
+}
+
+/// Keras's forms of an initializer: a name (snake or class), or class_name with its config.
+TEST(ConfigJson, InitializersInEveryKerasForm) {
+  for (std::size_t i = 0; i < std::size(kattn::kInitializers); ++i) {
+    for (const json& form :
+         {json(kattn::kInitializers[i]), json(kattn::io::detail::kInitializerClasses[i]),
+          json{{"class_name", kattn::io::detail::kInitializerClasses[i]}, {"config", {{"seed", 3}}}},
+          json{{"module", "keras.initializers"},
+               {"class_name", kattn::io::detail::kInitializerClasses[i]},
+               {"config", json::object()},
+               {"registered_name", nullptr}}}) {
+      json j = minimal();
+      j["kernel_initializer"] = form;
+      j["bias_initializer"] = form;
+      SCOPED_TRACE(form.dump());
+      const LayerConfig c = configFromJson(j);
+      EXPECT_EQ(c.kernel_initializer.name, kattn::kInitializers[i]);
+      EXPECT_EQ(c.bias_initializer.name, kattn::kInitializers[i]);
+      EXPECT_EQ(configFromJson(configToJson(c)).kernel_initializer, c.kernel_initializer);
+    }
+  }
+  json j = minimal();
+  j["kernel_initializer"] = {{"class_name", "RandomNormal"},
+                             {"config", {{"mean", 1.5}, {"stddev", 0.125}, {"seed", nullptr}}}};
+  j["bias_initializer"] = {{"class_name", "RandomUniform"},
+                           {"config", {{"minval", -2.0}, {"maxval", 3.0}}}};
+  const LayerConfig c = configFromJson(j);
+  EXPECT_EQ(c.kernel_initializer.mean, 1.5);
+  EXPECT_EQ(c.kernel_initializer.stddev, 0.125);
+  EXPECT_EQ(c.bias_initializer.minval, -2.0);
+  EXPECT_EQ(c.bias_initializer.maxval, 3.0);
+  EXPECT_EQ(configToJson(c)["bias_initializer"],
+            (json{{"class_name", "RandomUniform"},
+                  {"config", {{"minval", -2.0}, {"maxval", 3.0}, {"seed", nullptr}}}}));
+}
+
+TEST(ConfigJson, UnsupportedInitializersAreRejectedByName) {
+  json j = minimal();
+  j["kernel_initializer"] = "orthogonal";
+  expectConfigError(j, {"kernel_initializer", "unknown initializer \"orthogonal\"", "glorot_uniform"});
+  j["kernel_initializer"] = {{"class_name", "VarianceScaling"}, {"config", {{"scale", 2.0}}}};
+  expectConfigError(j, {"kernel_initializer", "VarianceScaling"});
+  j["kernel_initializer"] = {{"class_name", "GlorotUniform"}, {"config", {{"gain", 2.0}}}};
+  expectConfigError(j, {"kernel_initializer", "glorot_uniform has no parameter \"gain\""});
+  j["kernel_initializer"] = {{"config", json::object()}};
+  expectConfigError(j, {"kernel_initializer", "class_name"});
+  j["kernel_initializer"] = 3;
+  expectConfigError(j, {"kernel_initializer"});
+  j = minimal();
+  j["bias_initializer"] = {{"class_name", "RandomNormal"}, {"config", {{"stddev", -1.0}}}};
+  EXPECT_THROW(configFromJson(j).validate(), std::invalid_argument);
 }
 
 }  // namespace

@@ -21,6 +21,8 @@ class AnyLayerBase {
   virtual ~AnyLayerBase() = default;
   virtual std::unique_ptr<AnyLayerBase> clone() const = 0;
   virtual void setWeights(Weights<Scalar> w) = 0;
+  virtual void initializeWeights(Index query_dim, Index value_dim, std::optional<Index> key_dim) = 0;
+  virtual bool hasWeights() const = 0;
   virtual void setProjection(const Matrix<Scalar>& P) = 0;
   virtual const Matrix<Scalar>& projection() const = 0;
   virtual const Weights<Scalar>& weights() const = 0;
@@ -54,6 +56,10 @@ class AnyLayerImpl final : public AnyLayerBase<Scalar> {
     return std::make_unique<AnyLayerImpl>(*this);
   }
   void setWeights(Weights<Scalar> w) override { m_layer.setWeights(std::move(w)); }
+  void initializeWeights(Index query_dim, Index value_dim, std::optional<Index> key_dim) override {
+    m_layer.initializeWeights(query_dim, value_dim, key_dim);
+  }
+  bool hasWeights() const override { return m_layer.hasWeights(); }
   void setProjection(const Matrix<Scalar>& P) override { m_layer.setProjection(P); }
   const Matrix<Scalar>& projection() const override { return m_layer.projection(); }
   const Weights<Scalar>& weights() const override { return m_layer.weights(); }
@@ -154,6 +160,12 @@ class AnyKernelAttention {
 
   const LayerConfig& config() const { return m_config; }
   void setWeights(Weights<Scalar> w) { m_impl->setWeights(std::move(w)); }
+  /// See KernelAttention::initializeWeights.
+  void initializeWeights(Index query_dim, Index value_dim,
+                         std::optional<Index> key_dim = std::nullopt) {
+    m_impl->initializeWeights(query_dim, value_dim, key_dim);
+  }
+  bool hasWeights() const { return m_impl->hasWeights(); }
   void setProjection(const Matrix<Scalar>& P) { m_impl->setProjection(P); }
   const Matrix<Scalar>& projection() const { return m_impl->projection(); }
   const Weights<Scalar>& weights() const { return m_impl->weights(); }

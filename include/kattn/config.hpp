@@ -35,6 +35,54 @@ inline std::string featureTransformList() {
   return out;
 }
 
+/// The Keras initializer names `kernel_initializer` and `bias_initializer` accept.
+inline constexpr const char* kInitializers[] = {
+    "glorot_uniform", "glorot_normal", "he_uniform",    "he_normal",
+    "lecun_uniform",  "lecun_normal",  "zeros",         "ones",
+    "constant",       "random_normal", "truncated_normal", "random_uniform"};
+
+/**
+ * \brief A Keras weight initializer: its snake_case name and the parameters the named ones
+ * read (Keras's defaults). Used only for weights the user does not set.
+ */
+struct Initializer {
+  std::string name;            ///< one of kInitializers
+  double mean = 0.0;           ///< random_normal, truncated_normal
+  double stddev = 0.05;        ///< random_normal, truncated_normal
+  double minval = -0.05;       ///< random_uniform
+  double maxval = 0.05;        ///< random_uniform
+  double value = 0.0;          ///< constant
+
+  bool operator==(const Initializer& o) const {
+    return name == o.name && mean == o.mean && stddev == o.stddev && minval == o.minval &&
+           maxval == o.maxval && value == o.value;
+  }
+  bool operator!=(const Initializer& o) const { return !(*this == o); }
+
+  /// Throws std::invalid_argument naming `option` for an unknown name or a bad parameter.
+  void validate(const std::string& option) const {
+    bool known = false;
+    std::string list;
+    for (const char* n : kInitializers) {
+      known = known || name == n;
+      list += (list.empty() ? "" : ", ") + std::string(n);
+    }
+    if (!known) {
+      throw std::invalid_argument(option + ": unknown initializer \"" + name + "\"; valid: " +
+                                  list);
+    }
+    if (!std::isfinite(mean) || !std::isfinite(value) || !(stddev >= 0.0) ||
+        !std::isfinite(stddev) || !(minval <= maxval) || !std::isfinite(minval) ||
+        !std::isfinite(maxval)) {
+      std::ostringstream os;
+      os << option << ": invalid parameters for " << name << " (mean " << mean << ", stddev "
+         << stddev << ", minval " << minval << ", maxval " << maxval << ", value " << value
+         << "): stddev must be >= 0, minval <= maxval, all finite";
+      throw std::invalid_argument(os.str());
+    }
+  }
+};
+
 /**
  * \brief Configuration of a kernel attention layer, named as the reference's Keras config.
  *
@@ -61,6 +109,9 @@ struct LayerConfig {
   int causal_window_length = 3;              ///< W, in chunks
   std::optional<double> causal_window_decay; ///< gamma; absent: no decay
   std::optional<std::string> causal_padding; ///< absent/"none", "left", "right"
+  /// Weights the user does not set are drawn from these, seeded by `seed` (Keras defaults).
+  Initializer kernel_initializer{"glorot_uniform"};
+  Initializer bias_initializer{"zeros"};
 
   /// d_v as resolved by the reference (value_dim or key_dim).
   int resolvedValueDim() const { return value_dim ? *value_dim : key_dim; }
@@ -121,6 +172,8 @@ struct LayerConfig {
       fail(os.str());
     }
     parsePadding(causal_padding);
+    kernel_initializer.validate("kernel_initializer");
+    bias_initializer.validate("bias_initializer");
   }
 };
 

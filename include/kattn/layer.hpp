@@ -21,6 +21,7 @@
 #include "detail/causal.hpp"
 #include "detail/random_bits.hpp"
 #include "feature_maps.hpp"
+#include "initializers.hpp"
 #include "limits.hpp"
 #include "masking.hpp"
 #include "parallel.hpp"
@@ -122,7 +123,8 @@ class KernelAttention {
   /// The projection P [m, d] (empty without one).
   const Mat& projection() const { return m_projection; }
   const Weights<Scalar>& weights() const { return m_weights; }
-  bool hasWeights() const { return m_has_weights; }
+  /// Whether weights were set, initialized or built by a first forward.
+  bool hasWeights() const { return m_has_weights.value.load(std::memory_order_acquire); }
 
   /// Replaces the projection, e.g. by one saved with a model. \pre P is [m, key_dim].
   void setProjection(const Mat& P) {
@@ -168,9 +170,19 @@ class KernelAttention {
         requireEmpty("attention_output_softmax/bias", w.output_softmax_bias.size());
       }
     }
-    m_weights = std::move(w);
-    m_out_dim = O;
-    m_has_weights = true;
+    install(std::move(w), O);
+  }
+
+  /**
+   * \brief Draws every weight from the config's kernel_initializer and bias_initializer,
+   * seeded by config.seed, for inputs whose last dims are D_q, D_v and D_k (default D_v): what
+   * Keras does when it builds the layer. A forward() on a layer without weights does this
+   * itself, from its inputs' dims, on its first call.
+   */
+  void initializeWeights(Index query_dim, Index value_dim,
+                         std::optional<Index> key_dim = std::nullopt) {
+    const Weights<Scalar> w = drawWeights(query_dim, value_dim, key_dim ? *key_dim : value_dim);
+    install(w, w.output_kernel.dimension(2));
   }
 
   /// Runs later forwards on `pool` (shared; null: on the calling thread only). The default is
@@ -209,7 +221,7 @@ class KernelAttention {
                             const std::optional<ConstTensorMap<Scalar, 2>>& attention_mask =
                                 std::nullopt,
                             bool training = false) const {
-    Tensor<Scalar, 3> out = newOutput(query.dimension(0), query.dimension(1));
+    Tensor<Scalar, 3> out = newOutput(query, value, key);
     forwardInto(query, value, key, attention_mask, training, nullptr, TensorMap<Scalar, 3>(out));
     return out;
   }
@@ -256,7 +268,7 @@ class KernelAttention {
                   "A streaming state needs a causal layer: use kattn::CausalWindowed masking.");
     static_assert(!Traits::bidirectional_only,
                   "This feature map uses whole-sequence statistics (expplus) and cannot stream.");
-    Tensor<Scalar, 3> out = newOutput(query.dimension(0), query.dimension(1));
+    Tensor<Scalar, 3> out = newOutput(query, value, key);
     forwardInto(query, value, key, attention_mask, false, &state, TensorMap<Scalar, 3>(out));
     return out;
   }
@@ -336,16 +348,82 @@ class KernelAttention {
     }
   }
 
+  /// Keras's lazy build: the first forward of a layer without weights draws them from the
+  /// initializers for its inputs' dims (once, whichever thread gets there first).
+  void buildOnFirstCall(Index query_dim, Index value_dim, Index key_dim) const {
+    if (hasWeights()) return;
+    std::lock_guard<std::mutex> lock(*m_build_mutex);
+    if (hasWeights()) return;
+    const Weights<Scalar> w = drawWeights(query_dim, value_dim, key_dim);
+    install(w, w.output_kernel.dimension(2));
+  }
+
+  /// The weights the initializers give for these input dims (stream per tensor).
+  Weights<Scalar> drawWeights(Index Dq, Index Dv, Index Dk) const {
+    if (Dq < 0 || Dv < 0 || Dk < 0) {
+      throw std::invalid_argument("initializeWeights: input dims must be >= 0, got D_q " +
+                                  std::to_string(Dq) + ", D_v " + std::to_string(Dv) +
+                                  ", D_k " + std::to_string(Dk));
+    }
+    const Index N = m_heads, d = m_key_dim, dv = m_value_dim;
+    const Index O = m_config.output_shape ? Index(*m_config.output_shape) : Dq;
+    const double total = double(N) * (double(Dq + Dk) * d + double(Dv) * dv + 2.0 * dv * O);
+    checkAllocation("the initial weights", total, sizeof(Scalar));
+    const Initializer& k = m_config.kernel_initializer;
+    const Initializer& b = m_config.bias_initializer;
+    const std::int64_t seed = m_config.seed;
+    Weights<Scalar> w;
+    w.query_kernel = Tensor<Scalar, 3>(Dq, N, d);
+    w.key_kernel = Tensor<Scalar, 3>(Dk, N, d);
+    w.value_kernel = Tensor<Scalar, 3>(Dv, N, dv);
+    w.output_kernel = Tensor<Scalar, 3>(N, dv, O);
+    initialize(k, w.query_kernel, seed, 0);
+    initialize(k, w.key_kernel, seed, 1);
+    initialize(k, w.value_kernel, seed, 2);
+    initialize(k, w.output_kernel, seed, 3);
+    if (m_config.use_bias) {
+      w.query_bias = Tensor<Scalar, 2>(N, d);
+      w.key_bias = Tensor<Scalar, 2>(N, d);
+      w.value_bias = Tensor<Scalar, 2>(N, dv);
+      w.output_bias = Tensor<Scalar, 1>(O);
+      initialize(b, w.query_bias, seed, 5);
+      initialize(b, w.key_bias, seed, 6);
+      initialize(b, w.value_bias, seed, 7);
+      initialize(b, w.output_bias, seed, 8);
+    }
+    if (m_config.begin_kernel > 0) {
+      w.output_softmax_kernel = Tensor<Scalar, 3>(N, dv, O);
+      initialize(k, w.output_softmax_kernel, seed, 4);
+      if (m_config.use_bias) {
+        w.output_softmax_bias = Tensor<Scalar, 1>(O);
+        initialize(b, w.output_softmax_bias, seed, 9);
+      }
+    }
+    return w;
+  }
+
+  /// Publishes checked weights; the flag's release pairs with hasWeights()'s acquire.
+  void install(Weights<Scalar> w, Index O) const {
+    m_weights = std::move(w);
+    m_out_dim = O;
+    m_has_weights.value.store(true, std::memory_order_release);
+  }
+
   Index outputDimOrThrow() const {
-    if (!m_has_weights) {
+    if (!hasWeights()) {
       throw std::logic_error("KernelAttention::forward: no weights set (call setWeights first)");
     }
     return m_out_dim;
   }
 
-  /// The owning forward's output [B, T, O], within the memory limit.
-  Tensor<Scalar, 3> newOutput(Index B, Index T) const {
-    const Index O = outputDimOrThrow();
+  /// The owning forward's output [B, T, O], within the memory limit (after the lazy build,
+  /// which fixes O).
+  Tensor<Scalar, 3> newOutput(const ConstTensorMap<Scalar, 3>& query,
+                              const ConstTensorMap<Scalar, 3>& value,
+                              const std::optional<ConstTensorMap<Scalar, 3>>& key) const {
+    buildOnFirstCall(query.dimension(2), value.dimension(2),
+                     key ? key->dimension(2) : value.dimension(2));
+    const Index B = query.dimension(0), T = query.dimension(1), O = outputDimOrThrow();
     checkAllocation("the output [B, T, O] = " + shapeString(std::array<Index, 3>{B, T, O}),
                     double(B) * double(T) * double(O), sizeof(Scalar));
     return Tensor<Scalar, 3>(B, T, O);
@@ -967,6 +1045,8 @@ class KernelAttention {
                    const std::optional<ConstTensorMap<Scalar, 3>>& key,
                    const std::optional<ConstTensorMap<Scalar, 2>>& mask, bool training,
                    StreamingState<Scalar>* state, TensorMap<Scalar, 3> output) const {
+    buildOnFirstCall(query.dimension(2), value.dimension(2),
+                     key ? key->dimension(2) : value.dimension(2));
     const Index O = outputDimOrThrow();
     const Inputs in = checkInputs(query, value, key, mask);
     checkShape<3>("output", output.dimensions(), {in.B, in.T, O});
@@ -1172,11 +1252,24 @@ class KernelAttention {
 
   LayerConfig m_config;
   Masking m_masking;
-  Index m_heads = 1, m_key_dim = 1, m_value_dim = 1, m_out_dim = 0;
+  Index m_heads = 1, m_key_dim = 1, m_value_dim = 1;
   double m_scale = 1.0;
   Mat m_projection;
-  Weights<Scalar> m_weights;
-  bool m_has_weights = false;
+  // Mutable for Keras's lazy build on a first const forward (buildOnFirstCall), which writes
+  // them once under m_build_mutex before publishing m_has_weights.
+  mutable Weights<Scalar> m_weights;
+  mutable Index m_out_dim = 0;
+  struct Flag {
+    std::atomic<bool> value{false};
+    Flag() = default;
+    Flag(const Flag& o) : value(o.value.load()) {}
+    Flag& operator=(const Flag& o) {
+      value = o.value.load();
+      return *this;
+    }
+  };
+  mutable Flag m_has_weights;
+  std::shared_ptr<std::mutex> m_build_mutex = std::make_shared<std::mutex>();
   mutable CallCounter m_training_calls;  // numbers training calls: redraw k, dropout stream k
   std::shared_ptr<const ThreadPool> m_pool = defaultThreadPool();
   CoreForm m_form = CoreForm::Auto;

@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <iterator>
 #include <limits>
 #include <optional>
 #include <set>
@@ -31,15 +32,16 @@ inline constexpr const char* kConfigKeys[] = {
     "scale",               "scale_by_length",
     "use_causal_windowed", "causal_chunk_length",
     "causal_window_length", "causal_window_decay",
-    "causal_padding"};
+    "causal_padding",      "kernel_initializer",
+    "bias_initializer"};
 
 /// Keys that Keras writes into every layer config but that do not change what the layer
-/// computes from given weights (names, training flags, initialisers, regularisers,
+/// computes (names, training flags, regularisers,
 /// constraints, and tf-keras's recorded build shapes). They are accepted with any value and
 /// ignored. `attention_axes` is checked separately: it changes the function.
 inline constexpr const char* kKerasBookkeepingKeys[] = {
     "name",                "trainable",         "dtype",
-    "kernel_initializer",  "bias_initializer",  "kernel_regularizer",
+    "kernel_regularizer",
     "bias_regularizer",    "activity_regularizer", "kernel_constraint",
     "bias_constraint",     "query_shape",       "key_shape",
     "value_shape"};
@@ -143,6 +145,85 @@ inline std::optional<int> readOutputShape(const nlohmann::json& j) {
   }
   if (!j.is_number_integer()) failKey("output_shape", "null, an int or a list of one int", j);
   return readInt("output_shape", j);
+}
+
+/// Keras's class name of each initializer of kInitializers (same order).
+inline constexpr const char* kInitializerClasses[] = {
+    "GlorotUniform", "GlorotNormal", "HeUniform",    "HeNormal",
+    "LecunUniform",  "LecunNormal",  "Zeros",        "Ones",
+    "Constant",      "RandomNormal", "TruncatedNormal", "RandomUniform"};
+
+/// Keras writes an initializer as {"class_name": "GlorotUniform", "config": {...}} (with
+/// "module" and "registered_name" in Keras 3); a hand-written config may give the name
+/// alone ("glorot_uniform" or "GlorotUniform"). The config's "seed" is ignored: kattn seeds
+/// every initializer from the layer's seed.
+inline Initializer readInitializer(const std::string& key, const nlohmann::json& j) {
+  const auto byName = [&](const std::string& name) {
+    for (std::size_t i = 0; i < std::size(kInitializers); ++i) {
+      if (name == kInitializers[i] || name == kInitializerClasses[i]) {
+        return Initializer{kInitializers[i]};
+      }
+    }
+    Initializer unknown{name};
+    unknown.validate(key);  // throws, listing the valid names
+    return unknown;
+  };
+  if (j.is_string()) return byName(j.get<std::string>());
+  if (!j.is_object() || !j.contains("class_name")) {
+    failKey(key, "an initializer name or {\"class_name\": ..., \"config\": {...}}", j);
+  }
+  Initializer init = byName(readString(key + ".class_name", j.at("class_name")));
+  for (const auto& item : j.items()) {
+    if (item.key() != "class_name" && item.key() != "config" && item.key() != "module" &&
+        item.key() != "registered_name") {
+      throw std::invalid_argument(key + ": unexpected key \"" + oneLine(item.key()) + "\"");
+    }
+  }
+  if (!j.contains("config") || j.at("config").is_null()) return init;
+  const nlohmann::json& config = j.at("config");
+  if (!config.is_object()) failKey(key + ".config", "an object", config);
+  for (const auto& item : config.items()) {
+    const std::string& p = item.key();
+    const std::string where = key + ".config." + p;
+    if (p == "seed") continue;
+    if (p == "mean") {
+      init.mean = readDouble(where, item.value());
+    } else if (p == "stddev") {
+      init.stddev = readDouble(where, item.value());
+    } else if (p == "minval") {
+      init.minval = readDouble(where, item.value());
+    } else if (p == "maxval") {
+      init.maxval = readDouble(where, item.value());
+    } else if (p == "value") {
+      init.value = readDouble(where, item.value());
+    } else {
+      throw std::invalid_argument(key + ": " + init.name + " has no parameter \"" + oneLine(p) +
+                                  "\"");
+    }
+  }
+  return init;
+}
+
+/// The Keras form of `init`: class name and the parameters its class has.
+inline nlohmann::json initializerToJson(const Initializer& init) {
+  std::string class_name = init.name;
+  for (std::size_t i = 0; i < std::size(kInitializers); ++i) {
+    if (init.name == kInitializers[i]) class_name = kInitializerClasses[i];
+  }
+  nlohmann::json config = nlohmann::json::object();
+  if (init.name == "random_normal" || init.name == "truncated_normal") {
+    config["mean"] = init.mean;
+    config["stddev"] = init.stddev;
+  } else if (init.name == "random_uniform") {
+    config["minval"] = init.minval;
+    config["maxval"] = init.maxval;
+  } else if (init.name == "constant") {
+    config["value"] = init.value;
+  }
+  if (init.name != "zeros" && init.name != "ones" && init.name != "constant") {
+    config["seed"] = nullptr;
+  }
+  return {{"class_name", class_name}, {"config", config}};
 }
 
 /// Keras's default (null) and a built layer's value ([1] for [B, T, D] inputs) both mean
@@ -282,6 +363,12 @@ inline LayerConfig configFromJson(const nlohmann::json& j) {
   if ((v = field("causal_padding"))) {
     c.causal_padding = nullOr(*v, [&] { return readString("causal_padding", *v); });
   }
+  if ((v = field("kernel_initializer"))) {
+    c.kernel_initializer = detail::readInitializer("kernel_initializer", *v);
+  }
+  if ((v = field("bias_initializer"))) {
+    c.bias_initializer = detail::readInitializer("bias_initializer", *v);
+  }
   if ((v = field("attention_axes"))) detail::checkAttentionAxes(*v);
   return c;
 }
@@ -354,6 +441,8 @@ inline nlohmann::json configToJson(const LayerConfig& c) {
   j["causal_window_length"] = c.causal_window_length;
   j["causal_window_decay"] = orNull(c.causal_window_decay);
   j["causal_padding"] = orNull(c.causal_padding);
+  j["kernel_initializer"] = detail::initializerToJson(c.kernel_initializer);
+  j["bias_initializer"] = detail::initializerToJson(c.bias_initializer);
   return j;
 }
 

@@ -17,7 +17,7 @@ run_suite() {  # name compiler extra-cmake-args...
   local dir=build-test-$1 cxx=$2
   shift 2
   cmake -S . -B "$dir" -DCMAKE_CXX_COMPILER="$cxx" -DKATTN_WERROR=ON \
-        -DKATTN_BUILD_BENCHMARKS=OFF -DKATTN_SHARED_DIR="$shared" "$@"
+        -DKATTN_BUILD_BENCHMARKS=OFF -DKATTN_PRECOMPILE_LAYERS=ON -DKATTN_SHARED_DIR="$shared" "$@"
   cmake --build "$dir" -j "$jobs"
   ctest --test-dir "$dir" --output-on-failure -j "$jobs"
 }

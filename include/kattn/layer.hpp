@@ -759,8 +759,12 @@ class KernelAttention {
                                     : side == Side::Key ? m_weights.key_bias
                                                         : m_weights.value_bias;
     const Index D = x.dimension(2);
-    const ConstMapMat xb(x.data() + (b * x.dimension(1) + r0) * D, L, D);
-    out.noalias() = xb * ConstMapMat(kernel.data(), D, cols).middleCols(n * h, h);
+    if (D == 0) {
+      out.setZero(L, h);  // an empty input row projects to the bias alone (the kernel is empty)
+    } else {
+      const ConstMapMat xb(x.data() + (b * x.dimension(1) + r0) * D, L, D);
+      out.noalias() = xb * ConstMapMat(kernel.data(), D, cols).middleCols(n * h, h);
+    }
     if (bias.size()) {
       out.rowwise() += Eigen::Map<const RowVec>(bias.data() + n * h, h);
     }

@@ -27,24 +27,9 @@ using kattn_test::Rng;
 using kattn_ref::Tensor2;
 using kattn_ref::Tensor3;
 
-template <typename S, typename M>
-struct Combo {
-  using Scalar = S;
-  using Map = M;
-};
-
-struct ComboNames {
-  template <typename C>
-  static std::string GetName(int) {
-    return std::string(C::Map::name) + "_" + kattn_test::scalarName<typename C::Scalar>();
-  }
-};
-
-using Combos = ::testing::Types<
-    Combo<double, kattn::Elu>, Combo<float, kattn::Elu>, Combo<double, kattn::Relu>,
-    Combo<float, kattn::Relu>, Combo<double, kattn::Square>, Combo<float, kattn::Square>,
-    Combo<double, kattn::Identity>, Combo<float, kattn::Identity>, Combo<double, kattn::Exp>,
-    Combo<float, kattn::Exp>, Combo<double, kattn::ExpMod>, Combo<float, kattn::ExpMod>>;
+using kattn_test::Combo;
+using kattn_test::ComboNames;
+using kattn_test::Combos;
 
 template <typename C>
 class CausalTest : public ::testing::Test {

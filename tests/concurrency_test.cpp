@@ -32,6 +32,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "float_inputs.hpp"
+
 namespace {
 
 using kattn::Index;
@@ -43,22 +45,8 @@ using CMap3 = kattn::ConstTensorMap<float, 3>;
 
 constexpr int kThreads = 8;
 
-class Rng {
- public:
-  explicit Rng(std::uint64_t seed) : m_gen(seed) {}
-  float normal(float sd) { return std::normal_distribution<float>(0.0f, sd)(m_gen); }
-  Index intIn(Index lo, Index hi) { return std::uniform_int_distribution<Index>(lo, hi)(m_gen); }
-
- private:
-  std::mt19937_64 m_gen;
-};
-
-template <int R, typename... Dims>
-kattn::Tensor<float, R> randomTensor(Rng& r, float sd, Dims... dims) {
-  kattn::Tensor<float, R> t(dims...);
-  for (Index i = 0; i < t.size(); ++i) t.data()[i] = r.normal(sd);
-  return t;
-}
+using Rng = kattn_test::FloatRng;
+using kattn_test::randomTensor;
 
 kattn::Weights<float> randomWeights(Rng& r, const kattn::LayerConfig& c, Index Dq, Index Dk,
                                     Index Dv) {

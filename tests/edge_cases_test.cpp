@@ -47,6 +47,8 @@
 #include <string>
 #include <vector>
 
+#include "float_inputs.hpp"
+
 namespace {
 
 using kattn::Index;
@@ -61,22 +63,8 @@ using Any = kattn::AnyKernelAttention<float>;
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
-class Rng {
- public:
-  explicit Rng(std::uint64_t seed) : m_gen(seed) {}
-  float normal(float sd) { return std::normal_distribution<float>(0.0f, sd)(m_gen); }
-  Index intIn(Index lo, Index hi) { return std::uniform_int_distribution<Index>(lo, hi)(m_gen); }
-
- private:
-  std::mt19937_64 m_gen;
-};
-
-template <int R, typename... Dims>
-kattn::Tensor<float, R> randomTensor(Rng& r, float sd, Dims... dims) {
-  kattn::Tensor<float, R> t(dims...);
-  for (Index i = 0; i < t.size(); ++i) t.data()[i] = r.normal(sd);
-  return t;
-}
+using Rng = kattn_test::FloatRng;
+using kattn_test::randomTensor;
 
 constexpr Index kDim = 6;  // D_q = D_k = D_v = O
 

@@ -731,4 +731,25 @@ template <typename Exception, typename Fn>
   return ::testing::AssertionFailure() << "did not throw (expected \"" << needle << "\")";
 }
 
+/// A (Scalar, FeatureMap) pair for typed tests, named like "relu_f32".
+template <typename S, typename M>
+struct Combo {
+  using Scalar = S;
+  using Map = M;
+};
+
+struct ComboNames {
+  template <typename C>
+  static std::string GetName(int) {
+    return std::string(C::Map::name) + "_" + scalarName<typename C::Scalar>();
+  }
+};
+
+/// Every built-in map that streams (all but expplus), in float and double.
+using Combos = ::testing::Types<
+    Combo<double, kattn::Elu>, Combo<float, kattn::Elu>, Combo<double, kattn::Relu>,
+    Combo<float, kattn::Relu>, Combo<double, kattn::Square>, Combo<float, kattn::Square>,
+    Combo<double, kattn::Identity>, Combo<float, kattn::Identity>, Combo<double, kattn::Exp>,
+    Combo<float, kattn::Exp>, Combo<double, kattn::ExpMod>, Combo<float, kattn::ExpMod>>;
+
 }  // namespace kattn_test

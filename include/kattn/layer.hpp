@@ -424,17 +424,17 @@ class KernelAttention {
     buildOnFirstCall(query.dimension(2), value.dimension(2),
                      key ? key->dimension(2) : value.dimension(2));
     const Index B = query.dimension(0), T = query.dimension(1), O = outputDimOrThrow();
-    checkAllocation("the output [B, T, O] = " + shapeString(std::array<Index, 3>{B, T, O}),
-                    double(B) * double(T) * double(O), sizeof(Scalar));
+    checkAllocation(double(B) * double(T) * double(O), sizeof(Scalar), [&] {
+      return "the output [B, T, O] = " + shapeString(std::array<Index, 3>{B, T, O});
+    });
     return Tensor<Scalar, 3>(B, T, O);
   }
 
   /// The owning attend()'s heads [B, T, N, d_v], within the memory limit.
   Tensor<Scalar, 4> newHeads(Index B, Index T) const {
     const std::array<Index, 4> dims{B, T, m_heads, m_value_dim};
-    checkAllocation("the heads [B, T, N, d_v] = " + shapeString(dims),
-                    double(B) * double(T) * double(m_heads) * double(m_value_dim),
-                    sizeof(Scalar));
+    checkAllocation(double(B) * double(T) * double(m_heads) * double(m_value_dim), sizeof(Scalar),
+                    [&] { return "the heads [B, T, N, d_v] = " + shapeString(dims); });
     return Tensor<Scalar, 4>(dims);
   }
 
@@ -952,11 +952,13 @@ class KernelAttention {
                                                 ? detail::explicitIsCheaper(Tq, in.S, F, m_value_dim)
                                                 : m_form == CoreForm::Explicit);
       if (quadratic) {
-        checkAllocation(std::string(short_path ? "the short-sequence path's" : "the explicit form's") +
-                            " attention matrices [T, S] = [" + std::to_string(Tq) + ", " +
-                            std::to_string(in.S) + "], one per thread",
-                        double(Tq) * double(in.S) * double(m_pool ? m_pool->threads() : 1),
-                        sizeof(Scalar));
+        checkAllocation(double(Tq) * double(in.S) * double(m_pool ? m_pool->threads() : 1),
+                        sizeof(Scalar), [&] {
+                          return std::string(short_path ? "the short-sequence path's"
+                                                        : "the explicit form's") +
+                                 " attention matrices [T, S] = [" + std::to_string(Tq) + ", " +
+                                 std::to_string(in.S) + "], one per thread";
+                        });
       }
       // The low-rank form streams keys and queries in blocks and holds only the heads
       // [T, N d_v]; the others hold a batch row's (expplus: the batch's) projections and
@@ -966,9 +968,10 @@ class KernelAttention {
                                                            : double(m_value_dim));
       const double batch = feature_map_traits<Map>::pair_statistics && P ? double(in.B) : 1.0;
       const double rows = whole_rows ? batch * (double(Tq) + double(in.S)) : double(Tq);
-      checkAllocation("the working buffers of " + std::to_string(Tq) + " queries and " +
-                          std::to_string(in.S) + " keys",
-                      rows * per_row, sizeof(Scalar));
+      checkAllocation(rows * per_row, sizeof(Scalar), [&] {
+        return "the working buffers of " + std::to_string(Tq) + " queries and " +
+               std::to_string(in.S) + " keys";
+      });
     }
     if (in.S == 0) {
       // No keys: every sum over keys is empty, so the heads are zero and the output is the
@@ -1207,13 +1210,16 @@ class KernelAttention {
           std::min(double(m_masking.window), double(state.head(0, 0).windowChunks()) +
                                                  double((T + m_masking.chunk - 1) / m_masking.chunk));
       const double F = double(state.features()), dv = double(m_value_dim);
-      checkAllocation("the exact streaming window of " + std::to_string(Index(chunks)) + " chunks",
-                      2 * chunks * double(in.B) * double(N) * (F * dv + F), sizeof(Scalar));
+      checkAllocation(2 * chunks * double(in.B) * double(N) * (F * dv + F), sizeof(Scalar), [&] {
+        return "the exact streaming window of " + std::to_string(Index(chunks)) + " chunks";
+      });
     }
-    checkAllocation("one streaming call's projections and features (" + std::to_string(T) +
-                        " tokens)",
-                    double(T) * double(N) * double(3 * m_key_dim + 3 * numFeatures() + 2 * m_value_dim),
-                    sizeof(Scalar));
+    checkAllocation(
+        double(T) * double(N) * double(3 * m_key_dim + 3 * numFeatures() + 2 * m_value_dim),
+        sizeof(Scalar), [&] {
+          return "one streaming call's projections and features (" + std::to_string(T) +
+                 " tokens)";
+        });
     const Scalar r = std::sqrt(Scalar(m_scale));
     forBatchRows(in.B, [&](Index b, const ThreadPool* pool) {
       Workspace ws(*this);

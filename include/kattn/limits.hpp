@@ -10,6 +10,7 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 namespace kattn {
 
@@ -61,6 +62,14 @@ inline void checkAllocation(const std::string& what, double count, std::size_t e
                            detail::byteString(double(memoryLimit())) +
                            " (kattn::setMemoryLimit)");
   }
+}
+
+/// As above, with the description made only when the request is refused: for per-call checks,
+/// which then cost a comparison instead of building a message.
+template <typename Describe, typename = decltype(std::string(std::declval<Describe&>()()))>
+void checkAllocation(double count, std::size_t element_size, Describe&& what) {
+  if (count * double(element_size) <= double(memoryLimit())) return;
+  checkAllocation(std::string(what()), count, element_size);
 }
 
 }  // namespace kattn

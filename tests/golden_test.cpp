@@ -98,7 +98,7 @@ TEST_P(Golden, Float32) {
 }
 
 // The explicit T x S and the low-rank forms of SPEC 3.2 both meet the reference, serially and
-// on two threads (the cost model picks the explicit form for most of these short cases).
+// on two threads, each forced (the cost model picks one by size).
 TEST_P(Golden, BothFormsAndThreadCounts) {
   const GoldenCase gc(GetParam());
   if (gc.streaming()) GTEST_SKIP() << "streaming case";

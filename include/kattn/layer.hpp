@@ -90,6 +90,7 @@ class KernelAttention {
   using ConstMapMat = Eigen::Map<const Mat>;
   using RowVec = Eigen::Matrix<Scalar, 1, Eigen::Dynamic>;
   using Blk = FeatureBlock<Scalar>;
+  using ConstBlock = ConstFeatureBlock<Scalar>;
 
  public:
   using scalar_type = Scalar;
@@ -679,15 +680,32 @@ class KernelAttention {
       if (mask_row[s] != Scalar(1)) kf.row(s) *= mask_row[s];
   }
 
+  /// Work below which a call runs on the calling thread alone: waking the pool's threads
+  /// costs some 5-20 microseconds, the time of about a million floating-point operations, so
+  /// a one-token decode step or a tiny batch is faster without them.
+  static constexpr double kParallelMinFlops = 1e6;
+
+  /// Floating-point operations of a call, roughly (only compared with kParallelMinFlops): the
+  /// dense projections, the feature products and the low-rank core of every batch row.
+  double callFlops(const Inputs& in, Index F) const {
+    const double N = double(m_heads), d = double(m_key_dim), dv = double(m_value_dim);
+    const double rows = double(in.T) + double(in.S);
+    double per_row = 2 * N * (F * (dv + 1) + (m_projection.size() ? F * d : 0.0));
+    if (!in.q_heads) per_row += 2 * N * double(in.query.dimension(2)) * (d + dv);
+    return double(in.B) * rows * per_row;
+  }
+
   /// Runs row(b, inner_pool) for every batch row: across batch rows when there are at least
-  /// as many as threads (each row then runs serially), else row by row with the pool inside.
+  /// as many as threads (each row then runs serially), else row by row with the pool inside;
+  /// on the calling thread alone when the call's work (`flops`) is too small to share.
   template <typename Row>
-  void forBatchRows(Index B, const Row& row) const {
-    const ThreadPool* pool = m_pool.get();
-    if (pool && pool->threads() > 1 && B >= pool->threads()) {
+  void forBatchRows(Index B, double flops, const Row& row) const {
+    const ThreadPool* pool =
+        m_pool && m_pool->threads() > 1 && flops >= kParallelMinFlops ? m_pool.get() : nullptr;
+    if (pool && B >= pool->threads()) {
       pool->parallelFor(B, [&](Index b) { row(b, nullptr); });
     } else {
-      for (Index b = 0; b < B; ++b) row(b, pool && pool->threads() > 1 ? pool : nullptr);
+      for (Index b = 0; b < B; ++b) row(b, pool);
     }
   }
 
@@ -976,7 +994,7 @@ class KernelAttention {
     if (in.S == 0) {
       // No keys: every sum over keys is empty, so the heads are zero and the output is the
       // bias (and the per-head column blocks of 0-row matrices are never formed).
-      forBatchRows(in.B, [&](Index b, const ThreadPool* pool) {
+      forBatchRows(in.B, callFlops(in, featureDim(m_key_dim, P)), [&](Index b, const ThreadPool* pool) {
         Workspace ws(*this);
         RowWork& w = *ws;
         w.heads.setZero(q1 - q0, m_heads * m_value_dim);
@@ -1014,7 +1032,7 @@ class KernelAttention {
     const bool low_rank = !short_path && (m_form == CoreForm::Auto
                                               ? !detail::explicitIsCheaper(Tq, in.S, F, m_value_dim)
                                               : m_form == CoreForm::LowRank);
-    forBatchRows(in.B, [&](Index b, const ThreadPool* pool) {
+    forBatchRows(in.B, callFlops(in, F), [&](Index b, const ThreadPool* pool) {
       Workspace ws(*this);
       RowWork& w = *ws;
       if (low_rank) {
@@ -1098,6 +1116,57 @@ class KernelAttention {
     });
   }
 
+  /**
+   * Features, mask and causal kernel of every head of rows [r0, r0 + L) of batch row b, one
+   * task per head, for the maps that need no shift over the whole row: each task reads its
+   * head's rows where they are (the caller's heads for attend, scaled by r here; else the
+   * block's projections in w, already scaled) and writes its heads to `heads` [L, N d_v].
+   * No copy of a whole block runs on one thread, and a head's data stay in its core's cache.
+   */
+  void causalHeadsFused(const detail::CausalParams& params, detail::CausalHeadState<Scalar>* st,
+                        const Inputs& in, Index b, Index r0, Index L, Index lead, Scalar r,
+                        const Mat* P, const RowWork& w, Eigen::Ref<Mat> heads,
+                        const ThreadPool* pool) const {
+    const Index N = m_heads, d = m_key_dim, dv = m_value_dim, F = featureDim(d, P);
+    const Scalar* mask_row = in.mask ? in.mask + b * in.T + r0 : nullptr;
+    forEach(N, pool, [&](Index n) {
+      Workspace ws(*this);
+      RowWork& t = *ws;
+      // One side of head n, scaled: a view when no scaling is left to do.
+      auto side = [&](const Scalar* given, const Mat& projected, Mat& scaled) {
+        if (!given) return ConstBlock(projected.middleCols(n * d, d));
+        const auto rows = ConstMapMat(given + (b * in.T + r0) * N * d, L, N * d).middleCols(n * d, d);
+        if (r == Scalar(1)) return ConstBlock(rows);
+        scaled.noalias() = rows * r;
+        return ConstBlock(scaled);
+      };
+      const ConstBlock q = side(in.q_heads, w.qs, t.qs);
+      const ConstBlock k = side(in.k_heads, w.ks, t.ks);
+      const ConstBlock v =
+          in.v_heads
+              ? ConstBlock(ConstMapMat(in.v_heads + (b * in.T + r0) * N * dv, L, N * dv)
+                               .middleCols(n * dv, dv))
+              : ConstBlock(w.vs.middleCols(n * dv, dv));
+      t.qf.resize(L, F);
+      t.kf.resize(L, F);
+      FeatureMap{}(FeatureInput<Scalar>{q, P, true}, Blk(t.qf));
+      FeatureMap{}(FeatureInput<Scalar>{k, P, false}, Blk(t.kf));
+      maskRows(t.kf, mask_row);
+      detail::causalProcess<Scalar>(params, st[n], t.qf, t.kf, v, lead,
+                                    heads.middleCols(n * dv, dv));
+    });
+  }
+
+  /// Where the fused pass of rows [r0, r0 + L) writes its heads: straight into the caller's
+  /// heads for attend (unless dropout must go over them first), else into w.heads.
+  Eigen::Ref<Mat> causalTarget(const Inputs& in, Index b, Index r0, Index L, bool drop,
+                               RowWork& w) const {
+    const Index Ndv = m_heads * m_value_dim;
+    if (in.heads_out && !drop) return MapMat(in.heads_out + (b * in.T + r0) * Ndv, L, Ndv);
+    w.heads.resize(L, Ndv);
+    return w.heads;
+  }
+
   void causalForward(const Inputs& in, const std::vector<Scalar>& scales, const Mat* P, bool drop,
                      std::uint64_t call, TensorMap<Scalar, 3>& output) const {
     const Index N = m_heads, dv = m_value_dim, F = numFeatures(), T = in.T;
@@ -1123,7 +1192,7 @@ class KernelAttention {
       }
     }
     const Index block = causalBlockRows();
-    forBatchRows(in.B, [&](Index b, const ThreadPool* pool) {
+    forBatchRows(in.B, callFlops(in, F), [&](Index b, const ThreadPool* pool) {
       const Scalar r = std::sqrt(scales[std::size_t(b)]);
       std::vector<detail::CausalHeadState<Scalar>> st(static_cast<std::size_t>(N));
       for (auto& h : st) h.reset(F, dv);
@@ -1150,6 +1219,18 @@ class KernelAttention {
       }
       for (Index r0 = 0; r0 < T; r0 += blockRows(r0)) {
         const Index L = blockRows(r0);
+        if constexpr (!Traits::max_shifted) {
+          if (!in.q_heads) projectRows(in, b, r0, L, r0, L, r, r, w, pool);
+          Eigen::Ref<Mat> heads = causalTarget(in, b, r0, L, drop, w);
+          causalHeadsFused(params, st.data(), in, b, r0, L, r0 == 0 ? lead : 0, r, P, w, heads,
+                           pool);
+          if (drop) dropout(w.heads, call, 0, b, r0);
+          if (drop || !in.heads_out) {
+            emit(in, w.heads, b, r0, m_weights.output_kernel, m_weights.output_bias, output,
+                 pool);
+          }
+          continue;
+        }
         projectRows(in, b, r0, L, r0, L, r, r, w, pool);
         features(FeatureMap{}, w.qs, P, true, w.qf, q_shift, pool);
         features(FeatureMap{}, w.ks, P, false, w.kf, k_shift, pool);
@@ -1221,9 +1302,18 @@ class KernelAttention {
                  " tokens)";
         });
     const Scalar r = std::sqrt(Scalar(m_scale));
-    forBatchRows(in.B, [&](Index b, const ThreadPool* pool) {
+    forBatchRows(in.B, callFlops(in, featureDim(m_key_dim, P)), [&](Index b, const ThreadPool* pool) {
       Workspace ws(*this);
       RowWork& w = *ws;
+      if constexpr (!Traits::max_shifted) {
+        if (!in.q_heads) projectRows(in, b, 0, T, 0, T, r, r, w, pool);
+        Eigen::Ref<Mat> heads = causalTarget(in, b, 0, T, false, w);
+        causalHeadsFused(params, &state.head(b, 0), in, b, 0, T, 0, r, P, w, heads, pool);
+        if (!in.heads_out) {
+          emit(in, w.heads, b, 0, m_weights.output_kernel, m_weights.output_bias, output, pool);
+        }
+        return;
+      }
       projectRows(in, b, 0, T, 0, T, r, r, w, pool);
       std::optional<Scalar> k_shift;
       if constexpr (Traits::max_shifted) {

@@ -50,12 +50,18 @@ void explicitAttention(const ConstBlock<Scalar>& qf, const ConstBlock<Scalar>& k
   divideRows<Scalar>(out, den);
 }
 
-/// Multiply-adds of each form; the explicit form wins only for short sequences (for T = S and
-/// F = d_v = 64, below about 64 positions).
+/// How much fewer multiply-adds the explicit form must need to be chosen: its T x S matrix
+/// and row-wise passes run at a lower rate than the low-rank form's products (kattn_bench's
+/// W1 and W2 explicit and lowrank benchmarks: at equal counts the explicit form took 1.0-2.1x
+/// as long, at 0.6x the count about as long).
+inline constexpr double kExplicitAdvantage = 0.5;
+
+/// Multiply-adds of each form, the explicit one weighted by kExplicitAdvantage: it wins only
+/// for short sequences (for T = S and F = d_v = 64, below about 32 positions).
 inline bool explicitIsCheaper(Index T, Index S, Index F, Index dv) {
   const double lowrank = double(S) * F * (dv + 1) + double(T) * F * (dv + 1) + double(T) * dv;
   const double expl = double(T) * S * F + double(T) * S * (dv + 1) + double(T) * dv;
-  return expl < lowrank;
+  return expl < kExplicitAdvantage * lowrank;
 }
 
 /// SPEC 3.1: a_t = sum_s softmax_s(q'_t . k'_s) v_s over the kept keys (keep[s] != 0); a row

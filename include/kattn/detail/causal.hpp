@@ -114,34 +114,63 @@ inline Index groupRows(Index chunk) {
   return chunk >= target ? chunk : chunk * ((target + chunk - 1) / chunk);
 }
 
+/// Buffers of causalGroup, reused across the groups of one causalProcess call (a group is
+/// small, so allocating them per group would cost as much as its products).
+template <typename Scalar>
+struct CausalScratch {
+  Matrix<Scalar> scores, wk, finite_v, base;
+  Vector<Scalar> den, gpow;
+  std::vector<Index> chunk_end;  // per row: one past the last row of its chunk
+};
+
 /// Readout and state update for a group of whole chunks, rows [0, L); `chunk_of[r]` is the
 /// group-local chunk of row r (non-decreasing, from 0). No drop.
 template <typename Scalar>
 void causalGroup(const CausalParams& p, CausalHeadState<Scalar>& st, const ConstBlock<Scalar>& qf,
                  const ConstBlock<Scalar>& kf, const ConstBlock<Scalar>& v,
-                 const std::vector<Index>& chunk_of, Block<Scalar> out) {
+                 const std::vector<Index>& chunk_of, CausalScratch<Scalar>& sc, Block<Scalar> out) {
   const Index L = qf.rows();
   const Index n_chunks = L ? chunk_of[L - 1] + 1 : 0;
   const Scalar gamma = Scalar(p.gamma);
   const bool decays = p.gamma != 1.0;
+  const Scalar eps = Scalar(kNormaliserEps);
+
+  if (L == 1 && !decays && v.allFinite()) {
+    // One token (a decode step): a_t = (q'KV + (q'.k') v) / (q'z + q'.k' + eps), then the
+    // update, as matrix-vector products without the group's L x L machinery.
+    const Scalar self = qf.row(0).dot(kf.row(0));
+    const Scalar den = qf.row(0).dot(st.z) + self + eps;
+    out.row(0).noalias() = qf.row(0) * st.kv;
+    out.row(0) += self * v.row(0);
+    out.row(0) /= den;
+    st.kv.noalias() += kf.row(0).transpose() * v.row(0);
+    st.z += kf.row(0).transpose();
+    return;
+  }
 
   // gamma^dc for every chunk distance in the group, so the L x L loop does no pow.
-  Vector<Scalar> gpow(n_chunks + 1);
+  Vector<Scalar>& gpow = sc.gpow;
+  gpow.resize(n_chunks + 1);
   gpow(0) = Scalar(1);
   for (Index c = 1; c <= n_chunks; ++c) gpow(c) = gpow(c - 1) * gamma;
+  std::vector<Index>& chunk_end = sc.chunk_end;
+  chunk_end.resize(std::size_t(L));
+  for (Index t = L; t-- > 0;) {
+    chunk_end[std::size_t(t)] =
+        t + 1 == L || chunk_of[t + 1] != chunk_of[t] ? t + 1 : chunk_end[std::size_t(t + 1)];
+  }
 
-  Matrix<Scalar> scores = qf * kf.transpose();  // [L, L]
+  Matrix<Scalar>& scores = sc.scores;
+  scores.noalias() = qf * kf.transpose();  // [L, L]
   for (Index t = 0; t < L; ++t) {
-    for (Index s = 0; s < L; ++s) {
-      const Index dc = chunk_of[t] - chunk_of[s];
-      if (dc < 0) {
-        scores(t, s) = Scalar(0);
-      } else if (decays) {
-        scores(t, s) *= gpow(dc);
-      }
+    const Index e = chunk_end[std::size_t(t)];
+    scores.row(t).tail(L - e).setZero();  // keys of later chunks
+    if (decays) {
+      for (Index s = 0; s < e; ++s) scores(t, s) *= gpow(chunk_of[t] - chunk_of[s]);
     }
   }
-  Vector<Scalar> den = qf * st.z;
+  Vector<Scalar>& den = sc.den;
+  den.noalias() = qf * st.z;
   out.noalias() = qf * st.kv;
   if (decays) {
     for (Index t = 0; t < L; ++t) {
@@ -158,29 +187,28 @@ void causalGroup(const CausalParams& p, CausalHeadState<Scalar>& st, const Const
     // 0 * Inf = NaN would carry a future non-finite value to earlier rows through the zeroed
     // scores. Rows before its chunk take the product with those values zeroed (bit for bit
     // what they get without them); the later rows sum over their own past only.
-    const Matrix<Scalar> base = out;
-    Matrix<Scalar> finite_v = v;
+    sc.base = out;
+    sc.finite_v = v;
     for (Index s = bad; s < L; ++s)
-      if (!v.row(s).allFinite()) finite_v.row(s).setZero();
-    out.noalias() += scores * finite_v;
-    Index end = 0;
+      if (!v.row(s).allFinite()) sc.finite_v.row(s).setZero();
+    out.noalias() += scores * sc.finite_v;
     for (Index t = 0; t < L; ++t) {
       if (chunk_of[t] < chunk_of[bad]) continue;
-      while (end < L && chunk_of[end] <= chunk_of[t]) ++end;
-      out.row(t).noalias() = base.row(t) + scores.row(t).head(end) * v.topRows(end);
+      const Index e = chunk_end[std::size_t(t)];
+      out.row(t).noalias() = sc.base.row(t) + scores.row(t).head(e) * v.topRows(e);
     }
   }
   den += scores.rowwise().sum();
-  den.array() += Scalar(kNormaliserEps);
+  den.array() += eps;
   divideRows<Scalar>(out, den);
 
   if (decays) {
     st.kv *= gpow(n_chunks);
     st.z *= gpow(n_chunks);
-    Matrix<Scalar> wk = kf;
-    for (Index s = 0; s < L; ++s) wk.row(s) *= gpow(n_chunks - 1 - chunk_of[s]);
-    st.kv.noalias() += wk.transpose() * v;
-    st.z += wk.colwise().sum().transpose();
+    sc.wk = kf;
+    for (Index s = 0; s < L; ++s) sc.wk.row(s) *= gpow(n_chunks - 1 - chunk_of[s]);
+    st.kv.noalias() += sc.wk.transpose() * v;
+    st.z += sc.wk.colwise().sum().transpose();
   } else {
     st.kv.noalias() += kf.transpose() * v;
     st.z += kf.colwise().sum().transpose();
@@ -221,6 +249,7 @@ void causalProcess(const CausalParams& p, CausalHeadState<Scalar>& st,
   const Index C = p.chunk;
   Index r = 0;
   std::vector<Index> chunk_of;
+  CausalScratch<Scalar> scratch;
   while (r < L) {
     if (p.drop) {
       const Index len = std::min(L - r, (r == 0 ? C - lead : C));
@@ -239,7 +268,7 @@ void causalProcess(const CausalParams& p, CausalHeadState<Scalar>& st,
       len += clen;
     }
     causalGroup<Scalar>(p, st, qf.middleRows(r, len), kf.middleRows(r, len), v.middleRows(r, len),
-                chunk_of, out.middleRows(r, len));
+                        chunk_of, scratch, out.middleRows(r, len));
     r += len;
   }
 }

@@ -535,7 +535,11 @@ TYPED_TEST(CausalTest, LongSequencesAcrossInternalBlocks) {
   const Setting settings[] = {{5000, 1, 6000, "none", std::nullopt},  // token-level prefix sums
                               {4999, 3, 4, "left", 0.9},              // windows that drop
                               {5000, 1, 7, "none", std::nullopt},
-                              {4998, 3, 300, "none", 0.5}};
+                              {4998, 3, 300, "none", 0.5},
+                              // chunks longer than a group: each group is one chunk, read
+                              // out in the low-rank form
+                              {3000, 100, 40, "none", 0.9},
+                              {2950, 70, 500, "left", std::nullopt}};
   for (const Setting& s : settings) {
     ASSERT_LE(8 * kattn::detail::groupRows(s.C), s.T) << "T must span many groups";
     Rng r(std::uint64_t(s.T + s.C * 7 + s.W));

@@ -138,13 +138,36 @@ void causalGroup(const CausalParams& p, CausalHeadState<Scalar>& st, const Const
   if (L == 1 && !decays && v.allFinite()) {
     // One token (a decode step): a_t = (q'KV + (q'.k') v) / (q'z + q'.k' + eps), then the
     // update, as matrix-vector products without the group's L x L machinery.
+    // One pass over the state's rows (contiguous), reading each for the readout before
+    // adding this token's term to it.
     const Scalar self = qf.row(0).dot(kf.row(0));
     const Scalar den = qf.row(0).dot(st.z) + self + eps;
-    out.row(0).noalias() = qf.row(0) * st.kv;
-    out.row(0) += self * v.row(0);
-    out.row(0) /= den;
-    st.kv.noalias() += kf.row(0).transpose() * v.row(0);
+    auto a = out.row(0);
+    a = self * v.row(0);
+    for (Index f = 0; f < st.kv.rows(); ++f) {
+      a += qf(0, f) * st.kv.row(f);
+      st.kv.row(f) += kf(0, f) * v.row(0);
+    }
+    a /= den;
     st.z += kf.row(0).transpose();
+    return;
+  }
+
+  if (n_chunks == 1 && L * (qf.cols() + v.cols()) > 2 * qf.cols() * v.cols()) {
+    // A single chunk whose rows all see each other (C above the group size, or a recurrent
+    // call of many tokens): the low-rank form, S <- gamma S + k'^T v, a = q'S / (q'z + eps),
+    // is cheaper than the L x L scores and needs no L x L memory.
+    if (decays) {
+      st.kv *= gamma;
+      st.z *= gamma;
+    }
+    st.kv.noalias() += kf.transpose() * v;
+    st.z += kf.colwise().sum().transpose();
+    Vector<Scalar>& den = sc.den;
+    den.noalias() = qf * st.z;
+    den.array() += eps;
+    out.noalias() = qf * st.kv;
+    divideRows<Scalar>(out, den);
     return;
   }
 

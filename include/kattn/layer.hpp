@@ -1129,31 +1129,39 @@ class KernelAttention {
                         const ThreadPool* pool) const {
     const Index N = m_heads, d = m_key_dim, dv = m_value_dim, F = featureDim(d, P);
     const Scalar* mask_row = in.mask ? in.mask + b * in.T + r0 : nullptr;
+    // Each task walks its head's rows in pieces of whole chunks, about kStreamRows rows, so
+    // that a piece's scaled rows and features stay in the core's cache.
+    const Index C = params.chunk;
+    const Index piece = C >= kStreamRows ? C : C * (kStreamRows / C);
     forEach(N, pool, [&](Index n) {
       Workspace ws(*this);
       RowWork& t = *ws;
-      // One side of head n, scaled: a view when no scaling is left to do.
-      auto side = [&](const Scalar* given, const Mat& projected, Mat& scaled) {
-        if (!given) return ConstBlock(projected.middleCols(n * d, d));
-        const auto rows = ConstMapMat(given + (b * in.T + r0) * N * d, L, N * d).middleCols(n * d, d);
-        if (r == Scalar(1)) return ConstBlock(rows);
-        scaled.noalias() = rows * r;
-        return ConstBlock(scaled);
-      };
-      const ConstBlock q = side(in.q_heads, w.qs, t.qs);
-      const ConstBlock k = side(in.k_heads, w.ks, t.ks);
-      const ConstBlock v =
-          in.v_heads
-              ? ConstBlock(ConstMapMat(in.v_heads + (b * in.T + r0) * N * dv, L, N * dv)
-                               .middleCols(n * dv, dv))
-              : ConstBlock(w.vs.middleCols(n * dv, dv));
-      t.qf.resize(L, F);
-      t.kf.resize(L, F);
-      FeatureMap{}(FeatureInput<Scalar>{q, P, true}, Blk(t.qf));
-      FeatureMap{}(FeatureInput<Scalar>{k, P, false}, Blk(t.kf));
-      maskRows(t.kf, mask_row);
-      detail::causalProcess<Scalar>(params, st[n], t.qf, t.kf, v, lead,
-                                    heads.middleCols(n * dv, dv));
+      for (Index p0 = 0; p0 < L;) {
+        const Index len = std::min(L - p0, p0 == 0 ? piece - lead : piece);
+        const Index row = b * in.T + r0 + p0;  // first row of the piece in the caller's heads
+        // One side of head n, scaled: a view when no scaling is left to do.
+        auto side = [&](const Scalar* given, const Mat& projected, Mat& scaled) {
+          if (!given) return ConstBlock(projected.block(p0, n * d, len, d));
+          const auto rows = ConstMapMat(given + row * N * d, len, N * d).middleCols(n * d, d);
+          if (r == Scalar(1)) return ConstBlock(rows);
+          scaled.noalias() = rows * r;
+          return ConstBlock(scaled);
+        };
+        const ConstBlock q = side(in.q_heads, w.qs, t.qs);
+        const ConstBlock k = side(in.k_heads, w.ks, t.ks);
+        const ConstBlock v =
+            in.v_heads ? ConstBlock(ConstMapMat(in.v_heads + row * N * dv, len, N * dv)
+                                        .middleCols(n * dv, dv))
+                       : ConstBlock(w.vs.block(p0, n * dv, len, dv));
+        t.qf.resize(len, F);
+        t.kf.resize(len, F);
+        FeatureMap{}(FeatureInput<Scalar>{q, P, true}, Blk(t.qf));
+        FeatureMap{}(FeatureInput<Scalar>{k, P, false}, Blk(t.kf));
+        maskRows(t.kf, mask_row ? mask_row + p0 : nullptr);
+        detail::causalProcess<Scalar>(params, st[n], t.qf, t.kf, v, p0 == 0 ? lead : 0,
+                                      heads.block(p0, n * dv, len, dv));
+        p0 += len;
+      }
     });
   }
 

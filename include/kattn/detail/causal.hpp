@@ -202,8 +202,13 @@ void causalGroup(const CausalParams& p, CausalHeadState<Scalar>& st, const Const
       out.row(t) *= g;
     }
   }
-  Index bad = 0;  // the first row of v with a non-finite entry (rare)
-  while (bad < L && v.row(bad).allFinite()) ++bad;
+  // The first row of v with a non-finite entry (rare). 0 * x is 0 exactly when x is finite,
+  // so one vectorised sum tells whether there is one (allFinite tests element by element).
+  Index bad = L;
+  if ((v.array() * Scalar(0)).sum() != Scalar(0)) {
+    bad = 0;
+    while (bad < L && v.row(bad).allFinite()) ++bad;
+  }
   if (bad == L) {
     out.noalias() += scores * v;
   } else {

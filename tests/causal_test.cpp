@@ -164,7 +164,8 @@ kattn::Tensor<S, 2> cols(const kattn::Tensor<S, 2>& t, Index t0, Index L) {
 /// outputs [B, sum(calls), O].
 template <typename Layer, typename S = kattn_test::ScalarOfT<Layer>>
 kattn::Tensor<S, 3> stream(const Layer& layer, const Problem& p, const std::vector<Index>& calls,
-                           kattn::StreamingState<S>& state, Index t0 = 0) {
+                           kattn::StreamingState<S>& state, Index t0 = 0,
+                           bool into_caller_memory = false) {
   const kattn::Tensor<S, 3> q = kattn_test::cast<S>(p.query), v = kattn_test::cast<S>(p.value);
   std::optional<kattn::Tensor<S, 3>> k;
   std::optional<kattn::Tensor<S, 2>> m;
@@ -182,7 +183,14 @@ kattn::Tensor<S, 3> stream(const Layer& layer, const Problem& p, const std::vect
     std::optional<kattn::ConstTensorMap<S, 2>> mv;
     if (k) kv.emplace(kc.emplace(rows(*k, t0 + pos, L)));
     if (m) mv.emplace(mc.emplace(cols(*m, t0 + pos, L)));
-    const kattn::Tensor<S, 3> y = layer.forward(qc, vc, kv, mv, state);
+    kattn::Tensor<S, 3> y;
+    if (into_caller_memory) {
+      y.resize(p.B(), L, layer.outputDim());
+      y.setConstant(S(-7));  // every element must be written
+      layer.forward(qc, vc, kv, mv, state, kattn::TensorMap<S, 3>(y));
+    } else {
+      y = layer.forward(qc, vc, kv, mv, state);
+    }
     out.slice(Eigen::array<Index, 3>{0, pos, 0}, Eigen::array<Index, 3>{p.B(), L, out.dimension(2)}) = y;
     pos += L;
   }
@@ -518,6 +526,85 @@ TYPED_TEST(CausalTest, SaveRestoreContinuesBitForBit) {
       }
     }
   }
+}
+
+/// The streaming forward and attend into caller memory give the owning calls' results bit
+/// for bit and advance the state alike; a buffer of the wrong shape is refused by name.
+TYPED_TEST(CausalTest, StreamingIntoCallerMemoryEqualsOwningCalls) {
+  using Layer = typename TestFixture::Layer;
+  using State = typename TestFixture::State;
+  using Scalar = typename TestFixture::Scalar;
+  for (int seed = 0; seed < 8; ++seed) {
+    Rng r(std::uint64_t(seed) + 4242);
+    CausalOptions o;
+    o.allow_padding = false;
+    o.allow_scale = false;
+    const Problem p = randomCausal(r, TestFixture::mapName(), o);
+    const Layer layer = kattn_test::makeLayer<Layer>(p);
+    const auto calls = randomSplit(r, p.T(), p.cfg.causal_chunk_length);
+    for (auto mode : {kattn::StreamingMode::Exact, kattn::StreamingMode::Recurrent}) {
+      State owning = layer.makeState(p.B(), mode), into = layer.makeState(p.B(), mode);
+      const auto a = stream(layer, p, calls, owning);
+      const auto b = stream(layer, p, calls, into, 0, true);
+      EXPECT_TRUE(kattn_ref::bitIdentical(a, b)) << "seed " << seed << ": " << p.describe();
+      EXPECT_EQ(owning.toBytes(), into.toBytes());
+    }
+  }
+  // attend on heads, one chunk per call.
+  Rng r(77);
+  CausalOptions o;
+  o.allow_padding = false;
+  o.allow_scale = false;
+  o.allow_mask = false;
+  const Problem p = randomCausal(r, TestFixture::mapName(), o);
+  const Layer layer = kattn_test::makeLayer<Layer>(p);
+  const Index B = p.B(), C = p.cfg.causal_chunk_length, N = p.cfg.num_heads;
+  const Index d = p.cfg.key_dim, dv = p.cfg.resolvedValueDim();
+  State owning = layer.makeState(B), into = layer.makeState(B);
+  for (int call = 0; call < 5; ++call) {
+    kattn::Tensor<Scalar, 4> q(B, C, N, d), k(B, C, N, d), v(B, C, N, dv);
+    for (auto* t : {&q, &k, &v})
+      for (Index i = 0; i < t->size(); ++i) t->data()[i] = Scalar(r.uniform(-1.0, 1.0));
+    const kattn::Tensor<Scalar, 4> a = layer.attend(q, k, v, std::nullopt, owning);
+    kattn::Tensor<Scalar, 4> b(B, C, N, dv);
+    b.setConstant(Scalar(-7));
+    layer.attend(q, k, v, std::nullopt, into, kattn::TensorMap<Scalar, 4>(b));
+    EXPECT_TRUE(kattn_ref::bitIdentical(a, b)) << "call " << call << ": " << p.describe();
+  }
+  EXPECT_EQ(owning.toBytes(), into.toBytes());
+  // Wrong shapes, named; the state is left as it was.
+  const std::string before = into.toBytes();
+  kattn::Tensor<Scalar, 4> q(B, C, N, d), k(B, C, N, d), v(B, C, N, dv), heads(B, C, N, dv + 1);
+  q.setZero();
+  k.setZero();
+  v.setZero();
+  EXPECT_THROW(
+      {
+        try {
+          layer.attend(q, k, v, std::nullopt, into, kattn::TensorMap<Scalar, 4>(heads));
+        } catch (const std::invalid_argument& e) {
+          EXPECT_NE(std::string(e.what()).find("heads"), std::string::npos) << e.what();
+          throw;
+        }
+      },
+      std::invalid_argument);
+  const kattn::Tensor<Scalar, 3> x = kattn_test::cast<Scalar>(p.query);
+  const kattn::Tensor<Scalar, 3> xv = kattn_test::cast<Scalar>(p.value);
+  std::optional<kattn::Tensor<Scalar, 3>> xk;
+  std::optional<kattn::ConstTensorMap<Scalar, 3>> xkv;
+  if (p.key) xkv.emplace(xk.emplace(kattn_test::cast<Scalar>(*p.key)));
+  kattn::Tensor<Scalar, 3> wrong(B, p.T(), layer.outputDim() + 1);
+  EXPECT_THROW(
+      {
+        try {
+          layer.forward(x, xv, xkv, std::nullopt, into, kattn::TensorMap<Scalar, 3>(wrong));
+        } catch (const std::invalid_argument& e) {
+          EXPECT_NE(std::string(e.what()).find("output"), std::string::npos) << e.what();
+          throw;
+        }
+      },
+      std::invalid_argument);
+  EXPECT_EQ(into.toBytes(), before);
 }
 
 // ---- long sequences: internal grouping and block size ------------------------------------------

@@ -42,6 +42,10 @@ class AnyLayerBase {
                                     const std::optional<ConstTensorMap<Scalar, 3>>& k,
                                     const std::optional<ConstTensorMap<Scalar, 2>>& mask,
                                     StreamingState<Scalar>& state) const = 0;
+  virtual void forward(const ConstTensorMap<Scalar, 3>& q, const ConstTensorMap<Scalar, 3>& v,
+                       const std::optional<ConstTensorMap<Scalar, 3>>& k,
+                       const std::optional<ConstTensorMap<Scalar, 2>>& mask,
+                       StreamingState<Scalar>& state, TensorMap<Scalar, 3> output) const = 0;
 };
 
 template <typename Scalar, typename FeatureMap, typename Masking>
@@ -92,6 +96,17 @@ class AnyLayerImpl final : public AnyLayerBase<Scalar> {
       return m_layer.forward(q, v, k, mask, state);
     } else {
       (void)q, (void)v, (void)k, (void)mask, (void)state;
+      throw std::invalid_argument(noStreamingReason());
+    }
+  }
+  void forward(const ConstTensorMap<Scalar, 3>& q, const ConstTensorMap<Scalar, 3>& v,
+               const std::optional<ConstTensorMap<Scalar, 3>>& k,
+               const std::optional<ConstTensorMap<Scalar, 2>>& mask, StreamingState<Scalar>& state,
+               TensorMap<Scalar, 3> output) const override {
+    if constexpr (kStreams) {
+      m_layer.forward(q, v, k, mask, state, output);
+    } else {
+      (void)q, (void)v, (void)k, (void)mask, (void)state, (void)output;
       throw std::invalid_argument(noStreamingReason());
     }
   }
@@ -203,6 +218,14 @@ class AnyKernelAttention {
                             const std::optional<ConstTensorMap<Scalar, 2>>& attention_mask,
                             StreamingState<Scalar>& state) const {
     return m_impl->forward(query, value, key, attention_mask, state);
+  }
+
+  /// See KernelAttention::forward with a state into caller memory.
+  void forward(const ConstTensorMap<Scalar, 3>& query, const ConstTensorMap<Scalar, 3>& value,
+               const std::optional<ConstTensorMap<Scalar, 3>>& key,
+               const std::optional<ConstTensorMap<Scalar, 2>>& attention_mask,
+               StreamingState<Scalar>& state, TensorMap<Scalar, 3> output) const {
+    m_impl->forward(query, value, key, attention_mask, state, output);
   }
 
  private:

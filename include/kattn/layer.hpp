@@ -274,6 +274,19 @@ class KernelAttention {
     return out;
   }
 
+  /// As the streaming `forward`, writing into caller memory `output` [B, T, O]: a decode loop
+  /// that reuses its output buffer allocates nothing per call.
+  void forward(const ConstTensorMap<Scalar, 3>& query, const ConstTensorMap<Scalar, 3>& value,
+               const std::optional<ConstTensorMap<Scalar, 3>>& key,
+               const std::optional<ConstTensorMap<Scalar, 2>>& attention_mask,
+               StreamingState<Scalar>& state, TensorMap<Scalar, 3> output) const {
+    static_assert(Masking::causal,
+                  "A streaming state needs a causal layer: use kattn::CausalWindowed masking.");
+    static_assert(!Traits::bidirectional_only,
+                  "This feature map uses whole-sequence statistics (expplus) and cannot stream.");
+    forwardInto(query, value, key, attention_mask, false, &state, output);
+  }
+
   /**
    * \brief The attention core alone, on heads the caller projected (e.g. after rotary position
    * embeddings, or from a fused QKV projection): scaling, feature maps, masking, attention
@@ -312,10 +325,21 @@ class KernelAttention {
     static_assert(!Traits::bidirectional_only,
                   "This feature map uses whole-sequence statistics (expplus) and cannot stream.");
     Tensor<Scalar, 4> heads = newHeads(q.dimension(0), q.dimension(1));
-    const Inputs in = checkHeads(q, k, v, attention_mask, TensorMap<Scalar, 4>(heads));
-    checkState(state, in);
-    run(in, false, &state, TensorMap<Scalar, 3>(nullptr, 0, 0, 0));
+    attend(q, k, v, attention_mask, state, TensorMap<Scalar, 4>(heads));
     return heads;
+  }
+
+  /// attend() for one streaming call, writing into caller memory `heads` [B, T, N, d_v].
+  void attend(const ConstTensorMap<Scalar, 4>& q, const ConstTensorMap<Scalar, 4>& k,
+              const ConstTensorMap<Scalar, 4>& v,
+              const std::optional<ConstTensorMap<Scalar, 2>>& attention_mask,
+              StreamingState<Scalar>& state, TensorMap<Scalar, 4> heads) const {
+    static_assert(Masking::causal,
+                  "A streaming state needs a causal layer: use kattn::CausalWindowed masking.");
+    static_assert(!Traits::bidirectional_only,
+                  "This feature map uses whole-sequence statistics (expplus) and cannot stream.");
+    const Inputs in = checkHeads(q, k, v, attention_mask, heads);
+    run(in, false, &state, TensorMap<Scalar, 3>(nullptr, 0, 0, 0));
   }
 
  private:

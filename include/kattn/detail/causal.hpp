@@ -114,6 +114,27 @@ inline Index groupRows(Index chunk) {
   return chunk >= target ? chunk : chunk * ((target + chunk - 1) / chunk);
 }
 
+/**
+ * One token that is a chunk of its own (a decode step, or a group of one row): with
+ * S <- gamma S + k'^T v, a = q'S / (q'z + eps) = (gamma q'KV + (q'.k') v) / (gamma q'z +
+ * q'.k' + eps). One pass over the state's rows (contiguous) reads each for the readout before
+ * updating it: no L x L machinery, and the state is read once instead of twice.
+ */
+template <typename Scalar>
+void causalToken(Scalar gamma, CausalHeadState<Scalar>& st, const ConstBlock<Scalar>& qf,
+                 const ConstBlock<Scalar>& kf, const ConstBlock<Scalar>& v, Block<Scalar> out) {
+  const Scalar self = qf.row(0).dot(kf.row(0));
+  const Scalar den = gamma * qf.row(0).dot(st.z) + self + Scalar(kNormaliserEps);
+  auto a = out.row(0);
+  a.setZero();
+  for (Index f = 0; f < st.kv.rows(); ++f) {
+    a += qf(0, f) * st.kv.row(f);
+    st.kv.row(f) = gamma * st.kv.row(f) + kf(0, f) * v.row(0);
+  }
+  a = (gamma * a + self * v.row(0)) / den;
+  st.z = gamma * st.z + kf.row(0).transpose();
+}
+
 /// Buffers of causalGroup, reused across the groups of one causalProcess call (a group is
 /// small, so allocating them per group would cost as much as its products).
 template <typename Scalar>
@@ -135,21 +156,8 @@ void causalGroup(const CausalParams& p, CausalHeadState<Scalar>& st, const Const
   const bool decays = p.gamma != 1.0;
   const Scalar eps = Scalar(kNormaliserEps);
 
-  if (L == 1 && !decays && v.allFinite()) {
-    // One token (a decode step): a_t = (q'KV + (q'.k') v) / (q'z + q'.k' + eps), then the
-    // update, as matrix-vector products without the group's L x L machinery.
-    // One pass over the state's rows (contiguous), reading each for the readout before
-    // adding this token's term to it.
-    const Scalar self = qf.row(0).dot(kf.row(0));
-    const Scalar den = qf.row(0).dot(st.z) + self + eps;
-    auto a = out.row(0);
-    a = self * v.row(0);
-    for (Index f = 0; f < st.kv.rows(); ++f) {
-      a += qf(0, f) * st.kv.row(f);
-      st.kv.row(f) += kf(0, f) * v.row(0);
-    }
-    a /= den;
-    st.z += kf.row(0).transpose();
+  if (L == 1 && v.allFinite()) {
+    causalToken<Scalar>(gamma, st, qf, kf, v, out);
     return;
   }
 
@@ -275,6 +283,10 @@ void causalProcess(const CausalParams& p, CausalHeadState<Scalar>& st,
                    const ConstBlock<Scalar>& v, Index lead, Block<Scalar> out) {
   const Index L = qf.rows();
   const Index C = p.chunk;
+  if (!p.drop && L == 1 && v.allFinite()) {
+    causalToken<Scalar>(Scalar(p.gamma), st, qf, kf, v, out);  // a decode step: nothing else
+    return;
+  }
   Index r = 0;
   std::vector<Index> chunk_of;
   CausalScratch<Scalar> scratch;

@@ -37,9 +37,10 @@ class KernelAttention;
  * \brief Per (batch row, head) state of causal attention across calls.
  *
  * Made by `KernelAttention::makeState`, then passed to `forward` once per call. Holds, per
- * (b, n), the window sum KV [F, d_v] and z [F], in exact mode the last W chunk terms
- * (memory up to W F (d_v + 1) scalars per head once W chunks have been seen), and for the exp
- * maps the running maximum of key logits per batch row (the state is kept relative to it).
+ * (b, n), the window sum KV [F, d_v] and z [F], in exact mode the last W chunk terms and
+ * their suffix sums (memory up to 2 W F (d_v + 1) scalars per head once W chunks have been
+ * seen), and for the exp maps the running maximum of key logits per batch row (the state is
+ * kept relative to it).
  * `save`/`load` round-trip it byte for byte.
  */
 template <typename Scalar>

@@ -225,6 +225,12 @@ md.append("Target 7 compares the cost model's pick (`kattn`) with both forms for
           "form is measured up to T = 1024 only (at T = 4096 its essential FLOPs alone are 20 (W1) and "
           "64 (W2) times the low-rank form's, so the low-rank form is the faster one there). Exact softmax baselines "
           "stop at T = 16384 (T = 65536 would take about a minute per call).\n")
+md.append("Target 4 has two rows. `W5/recurrent` is the reference's decode cache, which for this "
+          "workload (chunk 1, a window covering every token, no decay) computes the same function "
+          "as `W5/kattn`, an exact-mode state (the default without a decay). An exact state keeps "
+          "each chunk's term (here one F x d_v matrix per token and head) for the day it leaves the "
+          "window, so with a window this long its memory grows by 128 KiB per token, and its time "
+          "per token is mostly the first touch of that fresh memory.\n")
 md.append("## All numbers\n")
 md.append("Time per call (W5: per token); GFLOP/s from the essential FLOP counts of "
           "[benchmarks/flops.hpp](../benchmarks/flops.hpp); speed-up = 1-thread time / "

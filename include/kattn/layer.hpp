@@ -1018,7 +1018,8 @@ class KernelAttention {
     if (in.S == 0) {
       // No keys: every sum over keys is empty, so the heads are zero and the output is the
       // bias (and the per-head column blocks of 0-row matrices are never formed).
-      forBatchRows(in.B, callFlops(in, featureDim(m_key_dim, P)), [&](Index b, const ThreadPool* pool) {
+      const double flops = callFlops(in, featureDim(m_key_dim, P));
+      forBatchRows(in.B, flops, [&](Index b, const ThreadPool* pool) {
         Workspace ws(*this);
         RowWork& w = *ws;
         w.heads.setZero(q1 - q0, m_heads * m_value_dim);
@@ -1334,7 +1335,8 @@ class KernelAttention {
                  " tokens)";
         });
     const Scalar r = std::sqrt(Scalar(m_scale));
-    forBatchRows(in.B, callFlops(in, featureDim(m_key_dim, P)), [&](Index b, const ThreadPool* pool) {
+    const double flops = callFlops(in, featureDim(m_key_dim, P));
+    forBatchRows(in.B, flops, [&](Index b, const ThreadPool* pool) {
       Workspace ws(*this);
       RowWork& w = *ws;
       if constexpr (!Traits::max_shifted) {

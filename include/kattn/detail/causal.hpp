@@ -149,7 +149,8 @@ struct CausalScratch {
 template <typename Scalar>
 void causalGroup(const CausalParams& p, CausalHeadState<Scalar>& st, const ConstBlock<Scalar>& qf,
                  const ConstBlock<Scalar>& kf, const ConstBlock<Scalar>& v,
-                 const std::vector<Index>& chunk_of, CausalScratch<Scalar>& sc, Block<Scalar> out) {
+                 const std::vector<Index>& chunk_of, CausalScratch<Scalar>& sc,
+                 Block<Scalar> out) {
   const Index L = qf.rows();
   const Index n_chunks = L ? chunk_of[L - 1] + 1 : 0;
   const Scalar gamma = Scalar(p.gamma);

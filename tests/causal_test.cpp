@@ -306,6 +306,13 @@ TYPED_TEST(CausalTest, AnyKernelAttentionEqualsTypedLayerBitForBit) {
       EXPECT_TRUE(kattn_ref::bitIdentical(stream(typed, p, calls, s1), stream(any, p, calls, s2)))
           << "streaming " << show(calls) << ": " << p.describe();
       EXPECT_EQ(s1.toBytes(), s2.toBytes());
+      // The run-time layer's streaming forward into caller memory too.
+      auto s3 = typed.makeState(p.B(), mode);
+      auto s4 = any.makeState(p.B(), mode);
+      EXPECT_TRUE(kattn_ref::bitIdentical(stream(typed, p, calls, s3),
+                                          stream(any, p, calls, s4, 0, true)))
+          << "streaming into memory " << show(calls) << ": " << p.describe();
+      EXPECT_EQ(s3.toBytes(), s4.toBytes());
     }
   }
 }
@@ -578,32 +585,18 @@ TYPED_TEST(CausalTest, StreamingIntoCallerMemoryEqualsOwningCalls) {
   q.setZero();
   k.setZero();
   v.setZero();
-  EXPECT_THROW(
-      {
-        try {
-          layer.attend(q, k, v, std::nullopt, into, kattn::TensorMap<Scalar, 4>(heads));
-        } catch (const std::invalid_argument& e) {
-          EXPECT_NE(std::string(e.what()).find("heads"), std::string::npos) << e.what();
-          throw;
-        }
-      },
-      std::invalid_argument);
+  EXPECT_TRUE(kattn_test::throwsWith<std::invalid_argument>(
+      [&] { layer.attend(q, k, v, std::nullopt, into, kattn::TensorMap<Scalar, 4>(heads)); },
+      "heads"));
   const kattn::Tensor<Scalar, 3> x = kattn_test::cast<Scalar>(p.query);
   const kattn::Tensor<Scalar, 3> xv = kattn_test::cast<Scalar>(p.value);
   std::optional<kattn::Tensor<Scalar, 3>> xk;
   std::optional<kattn::ConstTensorMap<Scalar, 3>> xkv;
   if (p.key) xkv.emplace(xk.emplace(kattn_test::cast<Scalar>(*p.key)));
   kattn::Tensor<Scalar, 3> wrong(B, p.T(), layer.outputDim() + 1);
-  EXPECT_THROW(
-      {
-        try {
-          layer.forward(x, xv, xkv, std::nullopt, into, kattn::TensorMap<Scalar, 3>(wrong));
-        } catch (const std::invalid_argument& e) {
-          EXPECT_NE(std::string(e.what()).find("output"), std::string::npos) << e.what();
-          throw;
-        }
-      },
-      std::invalid_argument);
+  EXPECT_TRUE(kattn_test::throwsWith<std::invalid_argument>(
+      [&] { layer.forward(x, xv, xkv, std::nullopt, into, kattn::TensorMap<Scalar, 3>(wrong)); },
+      "output"));
   EXPECT_EQ(into.toBytes(), before);
 }
 

@@ -243,10 +243,7 @@ class KernelAttention {
    */
   StreamingState<Scalar> makeState(Index batch, std::optional<StreamingMode> mode =
                                                     std::nullopt) const {
-    static_assert(Masking::causal,
-                  "A streaming state needs a causal layer: use kattn::CausalWindowed masking.");
-    static_assert(!Traits::bidirectional_only,
-                  "This feature map uses whole-sequence statistics (expplus) and cannot stream.");
+    requireStreaming();
     const StreamingMode m = mode ? *mode
                                  : (m_config.causal_window_decay ? StreamingMode::Recurrent
                                                                  : StreamingMode::Exact);
@@ -265,10 +262,7 @@ class KernelAttention {
                             const std::optional<ConstTensorMap<Scalar, 3>>& key,
                             const std::optional<ConstTensorMap<Scalar, 2>>& attention_mask,
                             StreamingState<Scalar>& state) const {
-    static_assert(Masking::causal,
-                  "A streaming state needs a causal layer: use kattn::CausalWindowed masking.");
-    static_assert(!Traits::bidirectional_only,
-                  "This feature map uses whole-sequence statistics (expplus) and cannot stream.");
+    requireStreaming();
     Tensor<Scalar, 3> out = newOutput(query, value, key);
     forwardInto(query, value, key, attention_mask, false, &state, TensorMap<Scalar, 3>(out));
     return out;
@@ -280,10 +274,7 @@ class KernelAttention {
                const std::optional<ConstTensorMap<Scalar, 3>>& key,
                const std::optional<ConstTensorMap<Scalar, 2>>& attention_mask,
                StreamingState<Scalar>& state, TensorMap<Scalar, 3> output) const {
-    static_assert(Masking::causal,
-                  "A streaming state needs a causal layer: use kattn::CausalWindowed masking.");
-    static_assert(!Traits::bidirectional_only,
-                  "This feature map uses whole-sequence statistics (expplus) and cannot stream.");
+    requireStreaming();
     forwardInto(query, value, key, attention_mask, false, &state, output);
   }
 
@@ -320,10 +311,7 @@ class KernelAttention {
                            const ConstTensorMap<Scalar, 4>& v,
                            const std::optional<ConstTensorMap<Scalar, 2>>& attention_mask,
                            StreamingState<Scalar>& state) const {
-    static_assert(Masking::causal,
-                  "A streaming state needs a causal layer: use kattn::CausalWindowed masking.");
-    static_assert(!Traits::bidirectional_only,
-                  "This feature map uses whole-sequence statistics (expplus) and cannot stream.");
+    requireStreaming();
     Tensor<Scalar, 4> heads = newHeads(q.dimension(0), q.dimension(1));
     attend(q, k, v, attention_mask, state, TensorMap<Scalar, 4>(heads));
     return heads;
@@ -334,15 +322,21 @@ class KernelAttention {
               const ConstTensorMap<Scalar, 4>& v,
               const std::optional<ConstTensorMap<Scalar, 2>>& attention_mask,
               StreamingState<Scalar>& state, TensorMap<Scalar, 4> heads) const {
-    static_assert(Masking::causal,
-                  "A streaming state needs a causal layer: use kattn::CausalWindowed masking.");
-    static_assert(!Traits::bidirectional_only,
-                  "This feature map uses whole-sequence statistics (expplus) and cannot stream.");
+    requireStreaming();
     const Inputs in = checkHeads(q, k, v, attention_mask, heads);
     run(in, false, &state, TensorMap<Scalar, 3>(nullptr, 0, 0, 0));
   }
 
  private:
+  /// The compile-time checks of every streaming entry point (a sentence instead of a template
+  /// error deep inside the pass).
+  static constexpr void requireStreaming() {
+    static_assert(Masking::causal,
+                  "A streaming state needs a causal layer: use kattn::CausalWindowed masking.");
+    static_assert(!Traits::bidirectional_only,
+                  "This feature map uses whole-sequence statistics (expplus) and cannot stream.");
+  }
+
   // Per batch row inputs, gathered once per forward.
   struct Inputs {
     ConstTensorMap<Scalar, 3> query, value, key;

@@ -115,7 +115,7 @@ inline Index groupRows(Index chunk) {
 }
 
 /**
- * One token that is a chunk of its own (a decode step, or a group of one row): with
+ * One token that is a chunk of its own (a one-token call: a decode step): with
  * S <- gamma S + k'^T v, a = q'S / (q'z + eps) = (gamma q'KV + (q'.k') v) / (gamma q'z +
  * q'.k' + eps). One pass over the state's rows (contiguous) reads each for the readout before
  * updating it: no L x L machinery, and the state is read once instead of twice.
@@ -156,11 +156,6 @@ void causalGroup(const CausalParams& p, CausalHeadState<Scalar>& st, const Const
   const Scalar gamma = Scalar(p.gamma);
   const bool decays = p.gamma != 1.0;
   const Scalar eps = Scalar(kNormaliserEps);
-
-  if (L == 1 && v.allFinite()) {
-    causalToken<Scalar>(gamma, st, qf, kf, v, out);
-    return;
-  }
 
   if (n_chunks == 1 && L * (qf.cols() + v.cols()) > 2 * qf.cols() * v.cols()) {
     // A single chunk whose rows all see each other (C above the group size, or a recurrent

@@ -81,6 +81,10 @@ template <typename Derived>
 struct ElementwiseFeatureMap {
   template <typename Scalar>
   void operator()(const FeatureInput<Scalar>& in, FeatureBlock<Scalar> out) const {
+    if (!in.projection) {
+      out = Derived::template f<Scalar>(in.x.array()).matrix();  // one pass, no copy first
+      return;
+    }
     projectRows(in, out);
     const Scalar norm = featureNormaliser(in.projection);
     out = (Derived::template f<Scalar>(out.array()) * norm).matrix();

@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <deque>
+#include <type_traits>
 #include <vector>
 
 #include "bidirectional.hpp"
@@ -107,31 +108,109 @@ struct CausalHeadState {
   }
 };
 
-/// Rows per group in the no-drop regime: whole chunks, about 64 rows, where the intra-group
-/// product L (F + d_v) per row balances the state product 2 F d_v per row.
+/// Whether every entry of m is finite, in one vectorised sum: 0 * x is 0 exactly when x is
+/// finite (Eigen's allFinite tests element by element, which showed up in profiles).
+template <typename Derived>
+bool allFiniteFast(const Eigen::MatrixBase<Derived>& m) {
+  using Scalar = typename Derived::Scalar;
+  return (m.array() * Scalar(0)).sum() == Scalar(0);
+}
+
+/// Asks for rows [0, rows) of a strided matrix (first element `first`, `stride` between rows,
+/// `cols` used per row) to be brought into the cache ahead of use. A head's rows in the
+/// caller's [T, N d] heads are short pieces of long rows: the hardware prefetcher does not
+/// run ahead of such a pattern, and the causal pass would wait for every one of them.
+template <typename Scalar>
+void prefetchRows(const Scalar* first, Index rows, Index stride, Index cols) {
+#if defined(__GNUC__)
+  constexpr Index kLine = 64 / Index(sizeof(Scalar));
+  for (Index t = 0; t < rows; ++t) {
+    const Scalar* row = first + t * stride;
+    for (Index c = 0; c < cols; c += kLine) __builtin_prefetch(row + c);
+  }
+#else
+  (void)first, (void)rows, (void)stride, (void)cols;
+#endif
+}
+
+/// Rows per group in the no-drop regime: whole chunks, about 16 rows. A group costs
+/// 2 F d_v per row in state products and L (F + d_v) in its masked intra-group products, so
+/// small groups waste less; below 16 rows the products get too small to run fast (kattn_bench
+/// W3 on one thread: groups of 64, 32 and 16 rows took 53, 46 and 44 ms at T = 16384).
 inline Index groupRows(Index chunk) {
-  const Index target = 64;
+  const Index target = 16;
   return chunk >= target ? chunk : chunk * ((target + chunk - 1) / chunk);
+}
+
+/// Columns of the state that causalToken carries through one pass over its rows: four 512-bit
+/// registers' worth, so that the panel's readout stays in registers.
+template <typename Scalar>
+inline constexpr int kTokenPanel = int(256 / sizeof(Scalar));
+
+/// causalToken on the state's columns [c0, c0 + width) (W = kTokenPanel, or Dynamic for the
+/// last, narrower panel). Rows go in pairs with a readout sum each: the two sums' additions do
+/// not wait for each other (one sum made the loop wait on the addition's latency). Decays is
+/// a template argument so that the loop holds no test of gamma.
+template <bool Decays, int W, typename Scalar>
+void causalTokenPanel(Scalar gamma, Matrix<Scalar>& kv, const ConstBlock<Scalar>& qf,
+                      const ConstBlock<Scalar>& kf, const ConstBlock<Scalar>& v, Index c0,
+                      Index width, Scalar self, Scalar den, Block<Scalar> out) {
+  using Panel = Eigen::Matrix<Scalar, 1, W, Eigen::RowMajor, 1, kTokenPanel<Scalar>>;
+  const Panel vp = v.row(0).template segment<W>(c0, width);
+  Panel even = Panel::Zero(width), odd = Panel::Zero(width);
+  const Index F = kv.rows(), stride = kv.cols();
+  Scalar* row = kv.data() + c0;
+  Index f = 0;
+  for (; f + 2 <= F; f += 2, row += 2 * stride) {
+    Eigen::Map<Panel> r0(row, width), r1(row + stride, width);
+    even += qf(0, f) * r0;
+    odd += qf(0, f + 1) * r1;
+    if constexpr (Decays) {
+      r0 = gamma * r0 + kf(0, f) * vp;
+      r1 = gamma * r1 + kf(0, f + 1) * vp;
+    } else {
+      r0 += kf(0, f) * vp;
+      r1 += kf(0, f + 1) * vp;
+    }
+  }
+  if (f < F) {
+    Eigen::Map<Panel> r0(row, width);
+    even += qf(0, f) * r0;
+    r0 = (Decays ? gamma : Scalar(1)) * r0 + kf(0, f) * vp;
+  }
+  out.row(0).template segment<W>(c0, width) = (gamma * (even + odd) + self * vp) / den;
 }
 
 /**
  * One token that is a chunk of its own (a one-token call: a decode step): with
  * S <- gamma S + k'^T v, a = q'S / (q'z + eps) = (gamma q'KV + (q'.k') v) / (gamma q'z +
- * q'.k' + eps). One pass over the state's rows (contiguous) reads each for the readout before
- * updating it: no L x L machinery, and the state is read once instead of twice.
+ * q'.k' + eps). One pass over the state's rows reads each for the readout before updating it,
+ * a panel of columns at a time with its readout in registers: the state is read once, and no
+ * partial sum goes through memory.
  */
 template <typename Scalar>
 void causalToken(Scalar gamma, CausalHeadState<Scalar>& st, const ConstBlock<Scalar>& qf,
                  const ConstBlock<Scalar>& kf, const ConstBlock<Scalar>& v, Block<Scalar> out) {
+  constexpr int W = kTokenPanel<Scalar>;
   const Scalar self = qf.row(0).dot(kf.row(0));
   const Scalar den = gamma * qf.row(0).dot(st.z) + self + Scalar(kNormaliserEps);
-  auto a = out.row(0);
-  a.setZero();
-  for (Index f = 0; f < st.kv.rows(); ++f) {
-    a += qf(0, f) * st.kv.row(f);
-    st.kv.row(f) = gamma * st.kv.row(f) + kf(0, f) * v.row(0);
+  const Index dv = st.kv.cols();
+  auto panels = [&](auto decays) {
+    constexpr bool D = decltype(decays)::value;
+    Index c0 = 0;
+    for (; c0 + W <= dv; c0 += W) {
+      causalTokenPanel<D, W, Scalar>(gamma, st.kv, qf, kf, v, c0, W, self, den, out);
+    }
+    if (c0 < dv) {
+      causalTokenPanel<D, Eigen::Dynamic, Scalar>(gamma, st.kv, qf, kf, v, c0, dv - c0, self,
+                                                  den, out);
+    }
+  };
+  if (gamma == Scalar(1)) {
+    panels(std::false_type{});
+  } else {
+    panels(std::true_type{});
   }
-  a = (gamma * a + self * v.row(0)) / den;
   st.z = gamma * st.z + kf.row(0).transpose();
 }
 
@@ -206,10 +285,9 @@ void causalGroup(const CausalParams& p, CausalHeadState<Scalar>& st, const Const
       out.row(t) *= g;
     }
   }
-  // The first row of v with a non-finite entry (rare). 0 * x is 0 exactly when x is finite,
-  // so one vectorised sum tells whether there is one (allFinite tests element by element).
+  // The first row of v with a non-finite entry (rare).
   Index bad = L;
-  if ((v.array() * Scalar(0)).sum() != Scalar(0)) {
+  if (!allFiniteFast(v)) {
     bad = 0;
     while (bad < L && v.row(bad).allFinite()) ++bad;
   }
@@ -279,7 +357,7 @@ void causalProcess(const CausalParams& p, CausalHeadState<Scalar>& st,
                    const ConstBlock<Scalar>& v, Index lead, Block<Scalar> out) {
   const Index L = qf.rows();
   const Index C = p.chunk;
-  if (!p.drop && L == 1 && v.allFinite()) {
+  if (!p.drop && L == 1 && allFiniteFast(v)) {
     causalToken<Scalar>(Scalar(p.gamma), st, qf, kf, v, out);  // a decode step: nothing else
     return;
   }

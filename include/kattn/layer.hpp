@@ -1152,9 +1152,7 @@ class KernelAttention {
     // that a piece's scaled rows and features stay in the core's cache.
     const Index C = params.chunk;
     const Index piece = C >= kStreamRows ? C : C * (kStreamRows / C);
-    forEach(N, pool, [&](Index n) {
-      Workspace ws(*this);
-      RowWork& t = *ws;
+    auto head = [&](Index n, RowWork& t) {
       for (Index p0 = 0; p0 < L;) {
         const Index len = std::min(L - p0, p0 == 0 ? piece - lead : piece);
         const Index row = b * in.T + r0 + p0;  // first row of the piece in the caller's heads
@@ -1177,11 +1175,29 @@ class KernelAttention {
         FeatureMap{}(FeatureInput<Scalar>{q, P, true}, Blk(t.qf));
         FeatureMap{}(FeatureInput<Scalar>{k, P, false}, Blk(t.kf));
         maskRows(t.kf, mask_row ? mask_row + p0 : nullptr);
+        if (p0 + len < L) {
+          const Index next = std::min(L - p0 - len, piece), row1 = row + len;
+          if (in.q_heads) detail::prefetchRows(in.q_heads + row1 * N * d + n * d, next, N * d, d);
+          if (in.k_heads) detail::prefetchRows(in.k_heads + row1 * N * d + n * d, next, N * d, d);
+          if (in.v_heads)
+            detail::prefetchRows(in.v_heads + row1 * N * dv + n * dv, next, N * dv, dv);
+        }
         detail::causalProcess<Scalar>(params, st[n], t.qf, t.kf, v, p0 == 0 ? lead : 0,
                                       heads.block(p0, n * dv, len, dv));
         p0 += len;
       }
-    });
+    };
+    if (pool) {
+      forEach(N, pool, [&](Index n) {
+        Workspace ws(*this);
+        head(n, *ws);
+      });
+    } else {
+      // One workspace for all heads: a decode step is a few microseconds, and taking the
+      // workspace pool's lock per head was a tenth of it.
+      Workspace ws(*this);
+      for (Index n = 0; n < N; ++n) head(n, *ws);
+    }
   }
 
   /// Where the fused pass of rows [r0, r0 + L) writes its heads: straight into the caller's
@@ -1218,7 +1234,14 @@ class KernelAttention {
         return;
       }
     }
-    const Index block = causalBlockRows();
+    // Blocks bound the memory of a block's projections and heads. attend into caller memory
+    // has neither, so it takes the whole row as one block: one pass of the pool, not one per
+    // block with every thread waiting at each block's end for the slowest head.
+    const bool in_place =
+        !Traits::max_shifted && in.q_heads && in.k_heads && in.v_heads && in.heads_out && !drop;
+    const Index C = params.chunk;
+    const Index block = in_place ? std::max(causalBlockRows(), (T + lead + C - 1) / C * C)
+                                 : causalBlockRows();
     forBatchRows(in.B, callFlops(in, F), [&](Index b, const ThreadPool* pool) {
       const Scalar r = std::sqrt(scales[std::size_t(b)]);
       std::vector<detail::CausalHeadState<Scalar>> st(static_cast<std::size_t>(N));

@@ -1175,13 +1175,6 @@ class KernelAttention {
         FeatureMap{}(FeatureInput<Scalar>{q, P, true}, Blk(t.qf));
         FeatureMap{}(FeatureInput<Scalar>{k, P, false}, Blk(t.kf));
         maskRows(t.kf, mask_row ? mask_row + p0 : nullptr);
-        if (p0 + len < L) {
-          const Index next = std::min(L - p0 - len, piece), row1 = row + len;
-          if (in.q_heads) detail::prefetchRows(in.q_heads + row1 * N * d + n * d, next, N * d, d);
-          if (in.k_heads) detail::prefetchRows(in.k_heads + row1 * N * d + n * d, next, N * d, d);
-          if (in.v_heads)
-            detail::prefetchRows(in.v_heads + row1 * N * dv + n * dv, next, N * dv, dv);
-        }
         detail::causalProcess<Scalar>(params, st[n], t.qf, t.kf, v, p0 == 0 ? lead : 0,
                                       heads.block(p0, n * dv, len, dv));
         p0 += len;

@@ -116,23 +116,6 @@ bool allFiniteFast(const Eigen::MatrixBase<Derived>& m) {
   return (m.array() * Scalar(0)).sum() == Scalar(0);
 }
 
-/// Asks for rows [0, rows) of a strided matrix (first element `first`, `stride` between rows,
-/// `cols` used per row) to be brought into the cache ahead of use. A head's rows in the
-/// caller's [T, N d] heads are short pieces of long rows: the hardware prefetcher does not
-/// run ahead of such a pattern, and the causal pass would wait for every one of them.
-template <typename Scalar>
-void prefetchRows(const Scalar* first, Index rows, Index stride, Index cols) {
-#if defined(__GNUC__)
-  constexpr Index kLine = 64 / Index(sizeof(Scalar));
-  for (Index t = 0; t < rows; ++t) {
-    const Scalar* row = first + t * stride;
-    for (Index c = 0; c < cols; c += kLine) __builtin_prefetch(row + c);
-  }
-#else
-  (void)first, (void)rows, (void)stride, (void)cols;
-#endif
-}
-
 /// Rows per group in the no-drop regime: whole chunks, about 16 rows. A group costs
 /// 2 F d_v per row in state products and L (F + d_v) in its masked intra-group products, so
 /// small groups waste less; below 16 rows the products get too small to run fast (kattn_bench

@@ -118,8 +118,9 @@ bool allFiniteFast(const Eigen::MatrixBase<Derived>& m) {
 
 /// Rows per group in the no-drop regime: whole chunks, about 16 rows. A group costs
 /// 2 F d_v per row in state products and L (F + d_v) in its masked intra-group products, so
-/// small groups waste less; below 16 rows the products get too small to run fast (kattn_bench
-/// W3 on one thread: groups of 64, 32 and 16 rows took 53, 46 and 44 ms at T = 16384).
+/// small groups waste less, as long as the products stay large enough to run fast (kattn_bench
+/// W3 on one thread, medians of 3: groups of 64, 32 and 16 rows took 56, 47 and 44 ms at
+/// T = 16384; smaller groups were not tried).
 inline Index groupRows(Index chunk) {
   const Index target = 16;
   return chunk >= target ? chunk : chunk * ((target + chunk - 1) / chunk);

@@ -722,6 +722,71 @@ TYPED_TEST(CausalTest, OneTokenCallsWithWideValuesMatchWholePass) {
   }
 }
 
+/// attend on heads the caller projected, against the reference's heads before the output
+/// projection: the whole pass and one-token streaming calls (the decode step scales and
+/// featurises the caller's heads itself; forward gives it heads it projected and scaled).
+TYPED_TEST(CausalTest, AttendOnHeadsMatchesReferenceHeads) {
+  using Layer = typename TestFixture::Layer;
+  using Scalar = typename TestFixture::Scalar;
+  using Heads4 = kattn::Tensor<Scalar, 4>;
+  int checked = 0;
+  for (int seed = 0; seed < 12; ++seed) {
+    Rng r(std::uint64_t(seed) + 5150);
+    CausalOptions o;
+    o.chunk = 1;
+    o.window = 1000;
+    o.allow_padding = false;
+    o.allow_scale = false;
+    o.input_scale = TestFixture::kExpType ? 0.5 : 1.0;
+    const Problem p = randomCausal(r, TestFixture::mapName(), o);
+    if (!kattn_test::wellConditioned<Scalar>(p)) continue;
+    ++checked;
+    const Layer layer = kattn_test::makeLayer<Layer>(p);
+    kattn_ref::Heads want, want_eps0;
+    kattn_test::runReference<Scalar>(p, kattn_test::projectionOf(layer.projection()), nullptr,
+                                     kattn_ref::kEps, &want, &want_eps0);
+    const Eigen::Map<const Eigen::VectorXd> want_v(want.v.data(), Index(want.v.size()));
+    // The exp maps' streamed shifts differ from the whole pass's: an effective eps in
+    // (0, 1e-6] (see kattn_test::epsCheck), so the weight of eps in these heads is allowed.
+    const double eps_weight = kattn_ref::relativeError(
+        Eigen::Map<const Eigen::VectorXd>(want_eps0.v.data(), Index(want_eps0.v.size())), want_v);
+    const double stream_tol = TestFixture::kTol + (TestFixture::kExpType ? eps_weight : 0.0);
+    // The heads of the reference's projections, as the caller would hand them over.
+    const kattn::Weights<double> w = kattn_ref::toDouble(kattn_test::castWeights<Scalar>(p.weights));
+    auto project = [&](const Tensor3& x, const Tensor3& kernel, const kattn_ref::Tensor2& bias) {
+      const kattn_ref::Heads h = kattn_ref::dense(kattn_test::rounded<Scalar>(x), 0, p.T(), kernel, bias);
+      Heads4 t(h.B, h.L, h.N, h.H);
+      for (Index i = 0; i < t.size(); ++i) t.data()[i] = Scalar(h.v[std::size_t(i)]);
+      return t;
+    };
+    const Heads4 q = project(p.query, w.query_kernel, w.query_bias);
+    const Heads4 k = project(p.key ? *p.key : p.value, w.key_kernel, w.key_bias);
+    const Heads4 v = project(p.value, w.value_kernel, w.value_bias);
+    std::optional<kattn::Tensor<Scalar, 2>> m;
+    std::optional<kattn::ConstTensorMap<Scalar, 2>> mv;
+    if (p.mask) mv.emplace(m.emplace(kattn_test::cast<Scalar>(*p.mask)));
+    EXPECT_LE(kattn_ref::relativeError(layer.attend(q, k, v, mv), want_v), TestFixture::kTol)
+        << "whole pass: " << p.describe();
+    auto state = layer.makeState(p.B(), kattn::StreamingMode::Recurrent);
+    Heads4 streamed(q.dimension(0), q.dimension(1), q.dimension(2), v.dimension(3));
+    for (Index t = 0; t < p.T(); ++t) {
+      auto token = [t](const Heads4& x) -> Heads4 {
+        return x.slice(Eigen::array<Index, 4>{0, t, 0, 0},
+                       Eigen::array<Index, 4>{x.dimension(0), 1, x.dimension(2), x.dimension(3)});
+      };
+      std::optional<kattn::Tensor<Scalar, 2>> mc;
+      std::optional<kattn::ConstTensorMap<Scalar, 2>> mcv;
+      if (m) mcv.emplace(mc.emplace(cols(*m, t, 1)));
+      streamed.slice(Eigen::array<Index, 4>{0, t, 0, 0},
+                     Eigen::array<Index, 4>{q.dimension(0), 1, q.dimension(2), v.dimension(3)}) =
+          layer.attend(token(q), token(k), token(v), mcv, state);
+    }
+    EXPECT_LE(kattn_ref::relativeError(streamed, want_v), stream_tol)
+        << "one-token calls: " << p.describe();
+  }
+  EXPECT_GE(checked, 3) << "too few well-conditioned problems among the seeds";
+}
+
 // ---- the key padding mask ---------------------------------------------------------------------
 
 /// Arbitrary values in the key and value inputs at masked positions never change any output,

@@ -1144,12 +1144,16 @@ class KernelAttention {
    */
   void causalHeadsFused(const detail::CausalParams& params, detail::CausalHeadState<Scalar>* st,
                         const Inputs& in, Index b, Index r0, Index L, Index lead, Scalar r,
-                        const Mat* P, const RowWork& w, Eigen::Ref<Mat> heads,
+                        const Mat* P, RowWork& w, Eigen::Ref<Mat> heads,
                         const ThreadPool* pool) const {
     const Index N = m_heads, d = m_key_dim, dv = m_value_dim, F = featureDim(d, P);
     const Scalar* mask_row = in.mask ? in.mask + b * in.T + r0 : nullptr;
     // Each task walks its head's rows in pieces of whole chunks, about kStreamRows rows, so
     // that a piece's scaled rows and features stay in the core's cache.
+    if (L == 1 && !params.drop && !pool &&
+        causalStep(params, st, in, b, r0, r, P, w, heads)) {
+      return;
+    }
     const Index C = params.chunk;
     const Index piece = C >= kStreamRows ? C : C * (kStreamRows / C);
     auto head = [&](Index n, RowWork& t) {
@@ -1191,6 +1195,51 @@ class KernelAttention {
       Workspace ws(*this);
       for (Index n = 0; n < N; ++n) head(n, *ws);
     }
+  }
+
+  /**
+   * causalHeadsFused for a decode step (one row of batch row b, no drop) on the calling
+   * thread: scaling, features, key mask and the finiteness check go over the row of all heads
+   * at once, then the one-token kernel runs per head (done per head they were a third of a
+   * step). The row's scaled heads and features go in w's projection and feature buffers,
+   * which the fused pass leaves unused. Returns false, having changed nothing, when a value is
+   * not finite: causalProcess's group path handles those.
+   */
+  bool causalStep(const detail::CausalParams& params, detail::CausalHeadState<Scalar>* st,
+                  const Inputs& in, Index b, Index r0, Scalar r, const Mat* P, RowWork& w,
+                  Eigen::Ref<Mat> heads) const {
+    const Index N = m_heads, d = m_key_dim, dv = m_value_dim, F = featureDim(d, P);
+    const Index row = b * in.T + r0;
+    const ConstBlock v = in.v_heads ? ConstBlock(ConstMapMat(in.v_heads + row * N * dv, 1, N * dv))
+                                    : ConstBlock(w.vs.topRows(1));
+    if (!detail::allFiniteFast(v)) return false;
+    // Queries or keys: features of the row, scaled by r first when the caller gave them.
+    auto side = [&](const Scalar* given, Mat& scaled, bool is_query, Mat& features) {
+      const Scalar s = given ? r : Scalar(1);
+      const auto x = given ? ConstMapMat(given + row * N * d, 1, N * d)
+                           : ConstMapMat(scaled.data(), 1, N * d);  // projected, scaled
+      if constexpr (std::is_base_of_v<detail::ElementwiseFeatureMap<FeatureMap>, FeatureMap>) {
+        if (!P) {  // f of every head at once, scaling included: one pass over the row
+          features = FeatureMap::template f<Scalar>(x.array() * s).matrix();
+          return;
+        }
+      }
+      if (given) scaled.noalias() = x * s;
+      features.resize(1, N * F);
+      for (Index n = 0; n < N; ++n) {
+        FeatureMap{}(FeatureInput<Scalar>{scaled.block(0, n * d, 1, d), P, is_query},
+                     Blk(features.middleCols(n * F, F)));
+      }
+    };
+    side(in.q_heads, w.qs, true, w.qf);
+    side(in.k_heads, w.ks, false, w.kf);
+    maskRows(w.kf, in.mask ? in.mask + row : nullptr);
+    for (Index n = 0; n < N; ++n) {
+      detail::causalToken<Scalar>(Scalar(params.gamma), st[n], w.qf.middleCols(n * F, F),
+                                  w.kf.middleCols(n * F, F), v.middleCols(n * dv, dv),
+                                  heads.middleCols(n * dv, dv));
+    }
+    return true;
   }
 
   /// Where the fused pass of rows [r0, r0 + L) writes its heads: straight into the caller's

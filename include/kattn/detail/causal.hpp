@@ -143,24 +143,28 @@ void causalTokenPanel(Scalar gamma, Matrix<Scalar>& kv, const ConstBlock<Scalar>
   const Panel vp = v.row(0).template segment<W>(c0, width);
   Panel even = Panel::Zero(width), odd = Panel::Zero(width);
   const Index F = kv.rows(), stride = kv.cols();
+  // Raw pointers: Eigen's packet stores may alias anything, so through the blocks the loop
+  // reloaded their data pointers after every store.
+  const Scalar* q = qf.data();
+  const Scalar* k = kf.data();
   Scalar* row = kv.data() + c0;
   Index f = 0;
   for (; f + 2 <= F; f += 2, row += 2 * stride) {
     Eigen::Map<Panel> r0(row, width), r1(row + stride, width);
-    even += qf(0, f) * r0;
-    odd += qf(0, f + 1) * r1;
+    even += q[f] * r0;
+    odd += q[f + 1] * r1;
     if constexpr (Decays) {
-      r0 = gamma * r0 + kf(0, f) * vp;
-      r1 = gamma * r1 + kf(0, f + 1) * vp;
+      r0 = gamma * r0 + k[f] * vp;
+      r1 = gamma * r1 + k[f + 1] * vp;
     } else {
-      r0 += kf(0, f) * vp;
-      r1 += kf(0, f + 1) * vp;
+      r0 += k[f] * vp;
+      r1 += k[f + 1] * vp;
     }
   }
   if (f < F) {
     Eigen::Map<Panel> r0(row, width);
-    even += qf(0, f) * r0;
-    r0 = (Decays ? gamma : Scalar(1)) * r0 + kf(0, f) * vp;
+    even += q[f] * r0;
+    r0 = (Decays ? gamma : Scalar(1)) * r0 + k[f] * vp;
   }
   out.row(0).template segment<W>(c0, width) = (gamma * (even + odd) + self * vp) / den;
 }

@@ -745,27 +745,18 @@ TYPED_TEST(CausalTest, AttendOnHeadsMatchesReferenceHeads) {
     kattn_ref::Heads want, want_eps0;
     kattn_test::runReference<Scalar>(p, kattn_test::projectionOf(layer.projection()), nullptr,
                                      kattn_ref::kEps, &want, &want_eps0);
-    const Eigen::Map<const Eigen::VectorXd> want_v(want.v.data(), Index(want.v.size()));
     // The exp maps' streamed shifts differ from the whole pass's: an effective eps in
     // (0, 1e-6] (see kattn_test::epsCheck), so the weight of eps in these heads is allowed.
-    const double eps_weight = kattn_ref::relativeError(
-        Eigen::Map<const Eigen::VectorXd>(want_eps0.v.data(), Index(want_eps0.v.size())), want_v);
+    const double eps_weight =
+        kattn_ref::relativeError(kattn_test::flat(want_eps0), kattn_test::flat(want));
     const double stream_tol = TestFixture::kTol + (TestFixture::kExpType ? eps_weight : 0.0);
-    // The heads of the reference's projections, as the caller would hand them over.
-    const kattn::Weights<double> w = kattn_ref::toDouble(kattn_test::castWeights<Scalar>(p.weights));
-    auto project = [&](const Tensor3& x, const Tensor3& kernel, const kattn_ref::Tensor2& bias) {
-      const kattn_ref::Heads h = kattn_ref::dense(kattn_test::rounded<Scalar>(x), 0, p.T(), kernel, bias);
-      Heads4 t(h.B, h.L, h.N, h.H);
-      for (Index i = 0; i < t.size(); ++i) t.data()[i] = Scalar(h.v[std::size_t(i)]);
-      return t;
-    };
-    const Heads4 q = project(p.query, w.query_kernel, w.query_bias);
-    const Heads4 k = project(p.key ? *p.key : p.value, w.key_kernel, w.key_bias);
-    const Heads4 v = project(p.value, w.value_kernel, w.value_bias);
+    const kattn_test::ProjectedHeads<Scalar> in(p);
+    const Heads4 &q = in.q, &k = in.k, &v = in.v;
     std::optional<kattn::Tensor<Scalar, 2>> m;
     std::optional<kattn::ConstTensorMap<Scalar, 2>> mv;
     if (p.mask) mv.emplace(m.emplace(kattn_test::cast<Scalar>(*p.mask)));
-    EXPECT_LE(kattn_ref::relativeError(layer.attend(q, k, v, mv), want_v), TestFixture::kTol)
+    EXPECT_LE(kattn_ref::relativeError(layer.attend(q, k, v, mv), kattn_test::flat(want)),
+              TestFixture::kTol)
         << "whole pass: " << p.describe();
     auto state = layer.makeState(p.B(), kattn::StreamingMode::Recurrent);
     Heads4 streamed(q.dimension(0), q.dimension(1), q.dimension(2), v.dimension(3));
@@ -781,7 +772,7 @@ TYPED_TEST(CausalTest, AttendOnHeadsMatchesReferenceHeads) {
                      Eigen::array<Index, 4>{q.dimension(0), 1, q.dimension(2), v.dimension(3)}) =
           layer.attend(token(q), token(k), token(v), mcv, state);
     }
-    EXPECT_LE(kattn_ref::relativeError(streamed, want_v), stream_tol)
+    EXPECT_LE(kattn_ref::relativeError(streamed, kattn_test::flat(want)), stream_tol)
         << "one-token calls: " << p.describe();
   }
   EXPECT_GE(checked, 3) << "too few well-conditioned problems among the seeds";

@@ -128,6 +128,34 @@ TYPED_TEST(LayerTest, LongSequencesMatchReference) {
   randomAgainstReference<typename TestFixture::Layer>(TestFixture::mapName(), 3, 4242, o);
 }
 
+/// attend on heads the caller projected against the reference's heads before the output
+/// projection (forward's tests see the heads only through the output projection).
+TYPED_TEST(LayerTest, AttendOnHeadsMatchesReferenceHeads) {
+  using Layer = typename TestFixture::Layer;
+  using Scalar = typename TestFixture::Scalar;
+  Options o;
+  o.allow_begin_kernel = false;  // attend's softmax rows come first; the reference keeps them apart
+  int checked = 0;
+  for (std::uint64_t seed = 0; seed < 20; ++seed) {
+    Rng r(seed * 7919 + 61);
+    const Problem p = randomProblem(r, TestFixture::mapName(), o);
+    if (!kattn_test::wellConditioned<Scalar>(p)) continue;
+    ++checked;
+    const Layer layer = kattn_test::makeLayer<Layer>(p);
+    kattn_ref::Heads want;
+    kattn_test::runReference<Scalar>(p, kattn_test::projectionOf(layer.projection()), nullptr,
+                                     kattn_ref::kEps, &want);
+    const kattn_test::ProjectedHeads<Scalar> in(p);
+    std::optional<kattn::Tensor<Scalar, 2>> m;
+    std::optional<kattn::ConstTensorMap<Scalar, 2>> mv;
+    if (p.mask) mv.emplace(m.emplace(kattn_test::cast<Scalar>(*p.mask)));
+    EXPECT_LE(kattn_ref::relativeError(layer.attend(in.q, in.k, in.v, mv), kattn_test::flat(want)),
+              TestFixture::kTol)
+        << "seed " << seed << ": " << p.describe();
+  }
+  EXPECT_GE(checked, 10) << "too few well-conditioned problems among the seeds";
+}
+
 /// Each path of the layer on purpose: short, kernel with/without mask and projection, and
 /// begin_kernel 0, inside T and past T.
 TYPED_TEST(LayerTest, EveryPathMatchesReference) {

@@ -619,6 +619,31 @@ double errorAgainstReference(const Problem& p, const kattn_ref::ElementwiseF* cu
   return kattn_ref::relativeError(got, want);
 }
 
+/// The per-head projections of `p` a caller of attend() hands over: the reference's dense
+/// layers on the inputs and weights as a Scalar layer sees them, rounded to Scalar.
+template <typename Scalar>
+struct ProjectedHeads {
+  kattn::Tensor<Scalar, 4> q, k, v;  ///< [B, T, N, d], [B, S, N, d], [B, S, N, d_v]
+
+  explicit ProjectedHeads(const Problem& p) {
+    const kattn::Weights<double> w = kattn_ref::toDouble(castWeights<Scalar>(p.weights));
+    auto project = [&](const Tensor3& x, const Tensor3& kernel, const Tensor2& bias) {
+      const kattn_ref::Heads h = kattn_ref::dense(rounded<Scalar>(x), 0, x.dimension(1), kernel, bias);
+      kattn::Tensor<Scalar, 4> t(h.B, h.L, h.N, h.H);
+      for (Index i = 0; i < t.size(); ++i) t.data()[i] = Scalar(h.v[std::size_t(i)]);
+      return t;
+    };
+    q = project(p.query, w.query_kernel, w.query_bias);
+    k = project(p.key ? *p.key : p.value, w.key_kernel, w.key_bias);
+    v = project(p.value, w.value_kernel, w.value_bias);
+  }
+};
+
+/// The reference heads' values, flat, in the layout of attend()'s [B, T, N, d_v].
+inline Eigen::Map<const Eigen::VectorXd> flat(const kattn_ref::Heads& h) {
+  return Eigen::Map<const Eigen::VectorXd>(h.v.data(), Index(h.v.size()));
+}
+
 /// The projection a layer built from `p` uses, in float64 (the given one, else the seed's).
 inline Eigen::MatrixXd problemProjection(const Problem& p) {
   if (!p.cfg.hasProjection()) return Eigen::MatrixXd();

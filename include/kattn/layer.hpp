@@ -1150,8 +1150,8 @@ class KernelAttention {
     const Scalar* mask_row = in.mask ? in.mask + b * in.T + r0 : nullptr;
     // Each task walks its head's rows in pieces of whole chunks, about kStreamRows rows, so
     // that a piece's scaled rows and features stay in the core's cache.
-    if (L == 1 && !params.drop && !pool &&
-        causalStep(params, st, in, b, r0, r, P, w, heads)) {
+    if (L == 1 && !params.drop && !pool) {
+      causalStep(params, st, in, b, r0, r, P, w, heads);
       return;
     }
     const Index C = params.chunk;
@@ -1199,20 +1199,17 @@ class KernelAttention {
 
   /**
    * causalHeadsFused for a decode step (one row of batch row b, no drop) on the calling
-   * thread: scaling, features, key mask and the finiteness check go over the row of all heads
-   * at once, then the one-token kernel runs per head (done per head they were a third of a
-   * step). The row's scaled heads and features go in w's projection and feature buffers,
-   * which the fused pass leaves unused. Returns false, having changed nothing, when a value is
-   * not finite: causalProcess's group path handles those.
+   * thread: scaling, features and key mask go over the row of all heads at once, then the
+   * one-token kernel runs per head (done per head they were a third of a step). The row's scaled heads and features go in w's projection and feature buffers,
+   * which the fused pass leaves unused.
    */
-  bool causalStep(const detail::CausalParams& params, detail::CausalHeadState<Scalar>* st,
+  void causalStep(const detail::CausalParams& params, detail::CausalHeadState<Scalar>* st,
                   const Inputs& in, Index b, Index r0, Scalar r, const Mat* P, RowWork& w,
                   Eigen::Ref<Mat> heads) const {
     const Index N = m_heads, d = m_key_dim, dv = m_value_dim, F = featureDim(d, P);
     const Index row = b * in.T + r0;
     const ConstBlock v = in.v_heads ? ConstBlock(ConstMapMat(in.v_heads + row * N * dv, 1, N * dv))
                                     : ConstBlock(w.vs.topRows(1));
-    if (!detail::allFiniteFast(v)) return false;
     // Queries or keys: features of the row, scaled by r first when the caller gave them.
     auto side = [&](const Scalar* given, Mat& scaled, bool is_query, Mat& features) {
       const Scalar s = given ? r : Scalar(1);
@@ -1239,7 +1236,6 @@ class KernelAttention {
                                   w.kf.middleCols(n * F, F), v.middleCols(n * dv, dv),
                                   heads.middleCols(n * dv, dv));
     }
-    return true;
   }
 
   /// Where the fused pass of rows [r0, r0 + L) writes its heads: straight into the caller's

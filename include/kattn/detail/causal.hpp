@@ -116,11 +116,12 @@ bool allFiniteFast(const Eigen::MatrixBase<Derived>& m) {
   return (m.array() * Scalar(0)).sum() == Scalar(0);
 }
 
-/// Rows per group in the no-drop regime: whole chunks, about 16 rows. A group costs
-/// 2 F d_v per row in state products and L (F + d_v) in its masked intra-group products, so
-/// small groups waste less, as long as the products stay large enough to run fast (kattn_bench
-/// W3 on one thread, medians of 3: groups of 64, 32 and 16 rows took 56, 47 and 44 ms at
-/// T = 16384; smaller groups were not tried).
+/// Rows per group in the no-drop regime with chunks longer than one row: whole chunks, about
+/// 16 rows. A group costs 2 F d_v per row in state products and L (F + d_v) in its masked
+/// intra-group products, so small groups waste less, as long as the products stay large
+/// enough to run fast (kattn_bench W3 on one thread, medians of 3, when chunk 1 still took
+/// this path: groups of 64, 32 and 16 rows took 56, 47 and 44 ms at T = 16384; the row by row
+/// kernel that chunk 1 takes now, 35 ms).
 inline Index groupRows(Index chunk) {
   const Index target = 16;
   return chunk >= target ? chunk : chunk * ((target + chunk - 1) / chunk);
@@ -345,8 +346,12 @@ void causalProcess(const CausalParams& p, CausalHeadState<Scalar>& st,
                    const ConstBlock<Scalar>& v, Index lead, Block<Scalar> out) {
   const Index L = qf.rows();
   const Index C = p.chunk;
-  if (!p.drop && L == 1 && allFiniteFast(v)) {
-    causalToken<Scalar>(Scalar(p.gamma), st, qf, kf, v, out);  // a decode step: nothing else
+  if (!p.drop && (L == 1 || C == 1)) {
+    // Every row a chunk of its own (a decode step, or token-level attention): row by row,
+    // which also keeps a non-finite value from reaching earlier rows (the group path's care).
+    for (Index t = 0; t < L; ++t) {
+      causalToken<Scalar>(Scalar(p.gamma), st, qf.row(t), kf.row(t), v.row(t), out.row(t));
+    }
     return;
   }
   Index r = 0;

@@ -1147,13 +1147,13 @@ class KernelAttention {
                         const Mat* P, RowWork& w, Eigen::Ref<Mat> heads,
                         const ThreadPool* pool) const {
     const Index N = m_heads, d = m_key_dim, dv = m_value_dim, F = featureDim(d, P);
-    const Scalar* mask_row = in.mask ? in.mask + b * in.T + r0 : nullptr;
-    // Each task walks its head's rows in pieces of whole chunks, about kStreamRows rows, so
-    // that a piece's scaled rows and features stay in the core's cache.
     if (L == 1 && !params.drop && !pool) {
       causalStep(params, st, in, b, r0, r, P, w, heads);
       return;
     }
+    const Scalar* mask_row = in.mask ? in.mask + b * in.T + r0 : nullptr;
+    // Each task walks its head's rows in pieces of whole chunks, about kStreamRows rows, so
+    // that a piece's scaled rows and features stay in the core's cache.
     const Index C = params.chunk;
     const Index piece = C >= kStreamRows ? C : C * (kStreamRows / C);
     auto head = [&](Index n, RowWork& t) {
@@ -1200,8 +1200,9 @@ class KernelAttention {
   /**
    * causalHeadsFused for a decode step (one row of batch row b, no drop) on the calling
    * thread: scaling, features and key mask go over the row of all heads at once, then the
-   * one-token kernel runs per head (done per head they were a third of a step). The row's scaled heads and features go in w's projection and feature buffers,
-   * which the fused pass leaves unused.
+   * one-token kernel runs per head (done per head they were a third of a step). Features go
+   * in w.qf and w.kf, which the fused pass leaves unused; a scaled copy of the caller's heads
+   * in w.qs and w.ks, which hold projections only when the caller gave none.
    */
   void causalStep(const detail::CausalParams& params, detail::CausalHeadState<Scalar>* st,
                   const Inputs& in, Index b, Index r0, Scalar r, const Mat* P, RowWork& w,

@@ -676,7 +676,7 @@ TYPED_TEST(CausalTest, LongSequencesAcrossInternalBlocks) {
 /// One-token calls go to their own kernel (detail::causalToken), which walks the state's
 /// columns in panels of 256 bytes (64 floats, 32 doubles) and a narrower last panel: values
 /// 70 wide take both kinds, with and without decay, in both streaming modes. The whole pass
-/// runs the group path, and is itself held to the reference.
+/// (chunks of one row: the same kernel, row by row) is held to the reference.
 TYPED_TEST(CausalTest, OneTokenCallsWithWideValuesMatchWholePass) {
   using Layer = typename TestFixture::Layer;
   using Scalar = typename TestFixture::Scalar;

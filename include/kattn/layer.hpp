@@ -1146,7 +1146,7 @@ class KernelAttention {
                         const Inputs& in, Index b, Index r0, Index L, Index lead, Scalar r,
                         const Mat* P, RowWork& w, Eigen::Ref<Mat> heads,
                         const ThreadPool* pool) const {
-    const Index N = m_heads, d = m_key_dim, dv = m_value_dim, F = featureDim(d, P);
+    const Index N = m_heads, dv = m_value_dim;
     if (L == 1 && !params.drop && !pool) {
       causalStep(params, st, in, b, r0, r, P, w, heads);
       return;
@@ -1160,24 +1160,12 @@ class KernelAttention {
       for (Index p0 = 0; p0 < L;) {
         const Index len = std::min(L - p0, p0 == 0 ? piece - lead : piece);
         const Index row = b * in.T + r0 + p0;  // first row of the piece in the caller's heads
-        // One side of head n, scaled: a view when no scaling is left to do.
-        auto side = [&](const Scalar* given, const Mat& projected, Mat& scaled) {
-          if (!given) return ConstBlock(projected.block(p0, n * d, len, d));
-          const auto rows = ConstMapMat(given + row * N * d, len, N * d).middleCols(n * d, d);
-          if (r == Scalar(1)) return ConstBlock(rows);
-          scaled.noalias() = rows * r;
-          return ConstBlock(scaled);
-        };
-        const ConstBlock q = side(in.q_heads, w.qs, t.qs);
-        const ConstBlock k = side(in.k_heads, w.ks, t.ks);
         const ConstBlock v =
             in.v_heads ? ConstBlock(ConstMapMat(in.v_heads + row * N * dv, len, N * dv)
                                         .middleCols(n * dv, dv))
                        : ConstBlock(w.vs.block(p0, n * dv, len, dv));
-        t.qf.resize(len, F);
-        t.kf.resize(len, F);
-        FeatureMap{}(FeatureInput<Scalar>{q, P, true}, Blk(t.qf));
-        FeatureMap{}(FeatureInput<Scalar>{k, P, false}, Blk(t.kf));
+        sideFeatures(in.q_heads, w.qs, row, p0, len, n, 1, r, P, true, t.qs, t.qf);
+        sideFeatures(in.k_heads, w.ks, row, p0, len, n, 1, r, P, false, t.ks, t.kf);
         maskRows(t.kf, mask_row ? mask_row + p0 : nullptr);
         detail::causalProcess<Scalar>(params, st[n], t.qf, t.kf, v, p0 == 0 ? lead : 0,
                                       heads.block(p0, n * dv, len, dv));
@@ -1211,31 +1199,43 @@ class KernelAttention {
     const Index row = b * in.T + r0;
     const ConstBlock v = in.v_heads ? ConstBlock(ConstMapMat(in.v_heads + row * N * dv, 1, N * dv))
                                     : ConstBlock(w.vs.topRows(1));
-    // Queries or keys: features of the row, scaled by r first when the caller gave them.
-    auto side = [&](const Scalar* given, Mat& scaled, bool is_query, Mat& features) {
-      const Scalar s = given ? r : Scalar(1);
-      const auto x = given ? ConstMapMat(given + row * N * d, 1, N * d)
-                           : ConstMapMat(scaled.data(), 1, N * d);  // projected, scaled
-      if constexpr (std::is_base_of_v<detail::ElementwiseFeatureMap<FeatureMap>, FeatureMap>) {
-        if (!P) {  // f of every head at once, scaling included: one pass over the row
-          features = FeatureMap::template f<Scalar>(x.array() * s).matrix();
-          return;
-        }
-      }
-      if (given) scaled.noalias() = x * s;
-      features.resize(1, N * F);
-      for (Index n = 0; n < N; ++n) {
-        FeatureMap{}(FeatureInput<Scalar>{scaled.block(0, n * d, 1, d), P, is_query},
-                     Blk(features.middleCols(n * F, F)));
-      }
-    };
-    side(in.q_heads, w.qs, true, w.qf);
-    side(in.k_heads, w.ks, false, w.kf);
+    sideFeatures(in.q_heads, w.qs, row, 0, 1, 0, N, r, P, true, w.qs, w.qf);
+    sideFeatures(in.k_heads, w.ks, row, 0, 1, 0, N, r, P, false, w.ks, w.kf);
     maskRows(w.kf, in.mask ? in.mask + row : nullptr);
     for (Index n = 0; n < N; ++n) {
       detail::causalToken<Scalar>(Scalar(params.gamma), st[n], w.qf.middleCols(n * F, F),
                                   w.kf.middleCols(n * F, F), v.middleCols(n * dv, dv),
                                   heads.middleCols(n * dv, dv));
+    }
+  }
+
+  /**
+   * Features of `rows` rows of heads [n0, n0 + heads) of one side (queries or keys) into
+   * `features` [rows, heads F], for the causal passes that read heads where they are: the
+   * caller's heads `given` from row `row` (rows of N d, scaled by r here), else this call's
+   * projections `projected` from row `p0` (already scaled). `scaled` takes the scaled copy
+   * when one is needed; elementwise maps without a projection scale as they go instead.
+   */
+  void sideFeatures(const Scalar* given, const Mat& projected, Index row, Index p0, Index rows,
+                    Index n0, Index heads, Scalar r, const Mat* P, bool is_query, Mat& scaled,
+                    Mat& features) const {
+    const Index N = m_heads, d = m_key_dim, F = featureDim(d, P);
+    const Scalar s = given ? r : Scalar(1);
+    const ConstBlock x = given ? ConstBlock(ConstMapMat(given + row * N * d, rows, N * d)
+                                                .middleCols(n0 * d, heads * d))
+                               : ConstBlock(projected.block(p0, n0 * d, rows, heads * d));
+    if constexpr (std::is_base_of_v<detail::ElementwiseFeatureMap<FeatureMap>, FeatureMap>) {
+      if (!P) {
+        features = FeatureMap::template f<Scalar>(x.array() * s).matrix();
+        return;
+      }
+    }
+    if (s != Scalar(1)) scaled.noalias() = x * s;
+    const ConstBlock y = s != Scalar(1) ? ConstBlock(scaled) : x;
+    features.resize(rows, heads * F);
+    for (Index h = 0; h < heads; ++h) {
+      FeatureMap{}(FeatureInput<Scalar>{y.middleCols(h * d, d), P, is_query},
+                   Blk(features.middleCols(h * F, F)));
     }
   }
 

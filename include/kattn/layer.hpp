@@ -1373,6 +1373,7 @@ class KernelAttention {
       params.chunk = m_masking.chunk;
       params.window = m_masking.window;
       params.drop = true;
+      params.compact_ring = !Traits::max_shifted;
     }
     if (state.mode() == StreamingMode::Exact && in.B > 0) {
       // The window's chunk terms are kept twice (ring and suffix sums) for every head.

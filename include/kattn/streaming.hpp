@@ -152,8 +152,11 @@ class StreamingState {
     for (const auto& h : m_state) {
       putRaw(os, h.kv.data(), std::size_t(h.kv.size()));
       putRaw(os, h.z.data(), std::size_t(h.z.size()));
-      putTerms(os, h.ring_kv, h.ring_z);
-      putTerms(os, h.front_kv, h.front_z);
+      // Compact ring terms are written as their matrices: the format has one kind of term.
+      putTerms(os, h.ring_kv.size(), [&](std::size_t i) { return h.ringTerm(i); }, h.ring_z);
+      putTerms(
+          os, h.front_kv.size(),
+          [&](std::size_t i) -> const Matrix<Scalar>& { return h.front_kv[i]; }, h.front_z);
       putInt(os, std::int64_t(h.front_pos));
     }
     if (!os) throw std::runtime_error("StreamingState::save: write failed");
@@ -200,6 +203,8 @@ class StreamingState {
       getRaw(is, h.kv.data(), std::size_t(h.kv.size()));
       getRaw(is, h.z.data(), std::size_t(h.z.size()));
       getTerms(is, h.ring_kv, h.ring_z, F, V, window);
+      h.ring_k.assign(h.ring_kv.size(), Matrix<Scalar>());
+      h.ring_v.assign(h.ring_kv.size(), Matrix<Scalar>());
       getTerms(is, h.front_kv, h.front_z, F, V, window);
       const std::int64_t pos = getInt(is);
       if (pos < 0 || pos > std::int64_t(h.front_kv.size())) {
@@ -233,11 +238,13 @@ class StreamingState {
   static constexpr char kMagic[8] = {'K', 'A', 'T', 'T', 'N', 'S', 'T', '1'};
 
   static void putInt(std::ostream& os, std::int64_t v) { putRaw(os, &v, 1); }
-  template <typename KvList, typename ZList>
-  static void putTerms(std::ostream& os, const KvList& kv, const ZList& z) {
-    putInt(os, std::int64_t(kv.size()));
-    for (std::size_t i = 0; i < kv.size(); ++i) {
-      putRaw(os, kv[i].data(), std::size_t(kv[i].size()));
+  /// n terms: kv(i) gives term i's matrix, z[i] its vector.
+  template <typename KvAt, typename ZList>
+  static void putTerms(std::ostream& os, std::size_t n, const KvAt& kv, const ZList& z) {
+    putInt(os, std::int64_t(n));
+    for (std::size_t i = 0; i < n; ++i) {
+      const Matrix<Scalar>& m = kv(i);
+      putRaw(os, m.data(), std::size_t(m.size()));
       putRaw(os, z[i].data(), std::size_t(z[i].size()));
     }
   }

@@ -32,6 +32,10 @@ struct CausalParams {
   Index window = 1;      ///< W (only read when drop is set)
   double gamma = 1.0;    ///< decay per chunk, 1 for none
   bool drop = false;     ///< keep a ring and drop chunks older than W
+  /// The ring may keep a chunk's rows instead of its term (when fewer numbers: a token's
+  /// term is rank one). Not for states that are rescaled (the exp maps' streaming states):
+  /// a rescaled term must stay the matrix that save() writes, for bit-exact restores.
+  bool compact_ring = true;
 };
 
 /// Running state of one (batch row, head).
@@ -40,7 +44,12 @@ struct CausalHeadState {
   Matrix<Scalar> kv;                    ///< [F, d_v] decayed sum of the newest chunks (all of
                                         ///< them without drop)
   Vector<Scalar> z;                     ///< [F] the same for key features
-  std::deque<Matrix<Scalar>> ring_kv;   ///< raw terms KV_c of the chunks in kv (drop only)
+  std::deque<Matrix<Scalar>> ring_kv;   ///< raw terms KV_c of the chunks in kv (drop only);
+                                        ///< empty where ring_k and ring_v hold the chunk
+  std::deque<Matrix<Scalar>> ring_k;    ///< [C, F] key features of a chunk whose term is
+                                        ///< their product with ring_v (else empty); as long
+                                        ///< as ring_kv
+  std::deque<Matrix<Scalar>> ring_v;    ///< [C, d_v] its values
   std::deque<Vector<Scalar>> ring_z;    ///< raw terms z_c
   std::vector<Matrix<Scalar>> front_kv; ///< decayed suffix sums of the older chunks (drop only)
   std::vector<Vector<Scalar>> front_z;
@@ -50,10 +59,40 @@ struct CausalHeadState {
     kv.setZero(F, dv);
     z.setZero(F);
     ring_kv.clear();
+    ring_k.clear();
+    ring_v.clear();
     ring_z.clear();
     front_kv.clear();
     front_z.clear();
     front_pos = 0;
+  }
+
+  /// The term KV_i of ring entry i: kept, or the product of its rows (the same product as
+  /// when the chunk came in, so the same bits).
+  Matrix<Scalar> ringTerm(std::size_t i) const {
+    if (ring_kv[i].size() > 0) return ring_kv[i];
+    return ring_k[i].transpose() * ring_v[i];
+  }
+
+  /// Whether a chunk's rows are fewer numbers than its term KV_c = k'^T v.
+  static bool rowsAreSmaller(const ConstBlock<Scalar>& kf, const ConstBlock<Scalar>& v) {
+    return kf.rows() * (kf.cols() + v.cols()) < kf.cols() * v.cols();
+  }
+
+  /// Adds a chunk to the ring as its term KV_c (and z_c).
+  void pushTerm(Matrix<Scalar>&& kv_c, Vector<Scalar>&& z_c) {
+    ring_kv.push_back(std::move(kv_c));
+    ring_k.emplace_back();
+    ring_v.emplace_back();
+    ring_z.push_back(std::move(z_c));
+  }
+
+  /// Adds a chunk to the ring as its rows, k' [C, F] and v [C, d_v] (and z_c).
+  void pushRows(const ConstBlock<Scalar>& kf, const ConstBlock<Scalar>& v, Vector<Scalar>&& z_c) {
+    ring_kv.emplace_back();
+    ring_k.emplace_back(kf);
+    ring_v.emplace_back(v);
+    ring_z.push_back(std::move(z_c));
   }
 
   /// Chunks currently inside the window (drop regime).
@@ -80,7 +119,7 @@ struct CausalHeadState {
       // front[k] = sum_{j >= k} gamma^(n-1-j) term_j: weights relative to the newest chunk.
       Scalar weight = Scalar(1);
       for (std::size_t k = n; k-- > 0;) {
-        front_kv[k] = weight * ring_kv[k];
+        front_kv[k] = weight * ringTerm(k);
         front_z[k] = weight * ring_z[k];
         if (k + 1 < n) {
           front_kv[k] += front_kv[k + 1];
@@ -90,6 +129,8 @@ struct CausalHeadState {
       }
       front_pos = 0;
       ring_kv.clear();
+      ring_k.clear();
+      ring_v.clear();
       ring_z.clear();
       kv.setZero();
       z.setZero();
@@ -102,6 +143,8 @@ struct CausalHeadState {
     kv *= factor;
     z *= factor;
     for (auto& m : ring_kv) m *= factor;
+    for (auto& m : ring_k) m *= factor;  // compact terms (exp states, the rescaled ones,
+                                         // keep matrices: see compact_ring)
     for (auto& v : ring_z) v *= factor;
     for (auto& m : front_kv) m *= factor;
     for (auto& v : front_z) v *= factor;
@@ -321,18 +364,31 @@ void causalDropChunk(const CausalParams& p, CausalHeadState<Scalar>& st,
                      const ConstBlock<Scalar>& v, Block<Scalar> out) {
   const Scalar gamma = Scalar(p.gamma);
   if (Index(st.windowChunks()) >= p.window) st.dropOldest(gamma);
-  Matrix<Scalar> kv_c = kf.transpose() * v;
   Vector<Scalar> z_c = kf.colwise().sum().transpose();
-  st.kv = gamma * st.kv + kv_c;
   st.z = gamma * st.z + z_c;
-  st.ring_kv.push_back(std::move(kv_c));
-  st.ring_z.push_back(std::move(z_c));
+  if (p.compact_ring && st.rowsAreSmaller(kf, v)) {
+    // The ring keeps the rows, so the term is never made: it goes into kv directly.
+    if (gamma != Scalar(1)) st.kv *= gamma;
+    st.kv.noalias() += kf.transpose() * v;
+    st.pushRows(kf, v, std::move(z_c));
+  } else {
+    Matrix<Scalar> kv_c = kf.transpose() * v;
+    st.kv = gamma * st.kv + kv_c;
+    st.pushTerm(std::move(kv_c), std::move(z_c));
+  }
+  auto readout = [&](const Matrix<Scalar>& s_kv, const Vector<Scalar>& s_z) {
+    const Vector<Scalar> den = (qf * s_z).array() + Scalar(kNormaliserEps);
+    out.noalias() = qf * s_kv;
+    divideRows<Scalar>(out, den);
+  };
+  if (st.front_pos == st.front_kv.size()) {
+    readout(st.kv, st.z);  // nothing older in the window: its sum is kv
+    return;
+  }
   Matrix<Scalar> s_kv;
   Vector<Scalar> s_z;
   st.windowSum(gamma, s_kv, s_z);
-  const Vector<Scalar> den = (qf * s_z).array() + Scalar(kNormaliserEps);
-  out.noalias() = qf * s_kv;
-  divideRows<Scalar>(out, den);
+  readout(s_kv, s_z);
 }
 
 /**

@@ -228,9 +228,9 @@ md.append("Target 7 compares the cost model's pick (`kattn`) with both forms for
 md.append("Target 4 has two rows. `W5/recurrent` is the reference's decode cache, which for this "
           "workload (chunk 1, a window covering every token, no decay) computes the same function "
           "as `W5/kattn`, an exact-mode state (the default without a decay). An exact state keeps "
-          "each chunk's term (here one F x d_v matrix per token and head) for the day it leaves the "
-          "window, so with a window this long its memory grows by 128 KiB per token, and its time "
-          "per token is mostly the first touch of that fresh memory.\n")
+          "each chunk for the day it leaves the window (here a token's key features and values, "
+          "F + d_v numbers per head), so with a window this long its memory grows by about 4.5 KiB per "
+          "token, and the first touch of that fresh memory is much of its time per token.\n")
 md.append("## All numbers\n")
 md.append("Time per call (W5: per token); GFLOP/s from the essential FLOP counts of "
           "[benchmarks/flops.hpp](../benchmarks/flops.hpp); speed-up = 1-thread time / "

@@ -722,6 +722,63 @@ TYPED_TEST(CausalTest, OneTokenCallsWithWideValuesMatchWholePass) {
   }
 }
 
+/// Exact streaming keeps the window's newest tokens as their rows, in blocks of
+/// CausalHeadState::kRingBlock numbers: with d = d_v = 64 (128 numbers a token) and a window
+/// of 520 tokens, the ring spans two blocks before its first drop and again after it. One-token
+/// calls against the reference, and a state saved while its ring spans two blocks (restored, it
+/// holds the terms as matrices) continues bit for bit.
+TYPED_TEST(CausalTest, ExactStreamingAcrossRingBlocks) {
+  using Layer = typename TestFixture::Layer;
+  using Scalar = typename TestFixture::Scalar;
+  using State = typename TestFixture::State;
+  constexpr Index kT = 1100, kWindow = 520, kCut = 515;
+  static_assert(kCut * 128 > Index(kattn::detail::CausalHeadState<Scalar>::kRingBlock),
+                "the ring must span two blocks at the cut");
+  std::optional<Problem> found;
+  for (std::uint64_t seed = 300; seed < 330 && !found; ++seed) {
+    Rng r(seed);
+    CausalOptions o;
+    o.T = kT;
+    o.chunk = 1;
+    o.window = kWindow;
+    o.fixed_decay = true;
+    o.decay = seed % 2 ? std::optional<double>{0.999} : std::nullopt;
+    o.allow_padding = false;
+    o.allow_scale = false;
+    o.max_batch = 1;
+    o.input_scale = TestFixture::kExpType ? 0.5 : 1.0;
+    Problem p = randomCausal(r, TestFixture::mapName(), o);
+    p.cfg.num_heads = 1;
+    p.cfg.key_dim = 64;
+    p.cfg.value_dim = 64;
+    p.cfg.num_random_features = 0;
+    p.projection.reset();
+    p.weights = kattn_test::randomWeights(r, p.cfg, p.query.dimension(2),
+                                          p.key ? p.key->dimension(2) : p.value.dimension(2),
+                                          p.value.dimension(2),
+                                          TestFixture::mapName() == "identity" ? 2.0 : 0.0);
+    if (kattn_test::wellConditioned<Scalar>(p)) found = std::move(p);
+  }
+  ASSERT_TRUE(found) << "no well-conditioned problem among the seeds";
+  const Problem& p = *found;
+  const Layer layer = kattn_test::makeLayer<Layer>(p);
+  const auto check = kattn_test::epsCheck<Scalar>(p, kattn_test::projectionOf(layer.projection()));
+  const double tol = TestFixture::kTol + (TestFixture::kExpType ? check.bound : 0.0);
+  const std::vector<Index> first(std::size_t(kCut), 1), rest(std::size_t(kT - kCut), 1);
+  State kept = layer.makeState(1, kattn::StreamingMode::Exact);
+  const auto head = stream(layer, p, first, kept);
+  State restored = State::fromBytes(kept.toBytes());
+  const auto a = stream(layer, p, rest, kept, kCut);
+  const auto b = stream(layer, p, rest, restored, kCut);
+  EXPECT_TRUE(kattn_ref::bitIdentical(a, b)) << p.describe();
+  EXPECT_EQ(kept.toBytes(), restored.toBytes());
+  Tensor3 all(1, kT, a.dimension(2));
+  for (Index t = 0; t < kT; ++t)
+    for (Index o = 0; o < a.dimension(2); ++o)
+      all(0, t, o) = double(t < kCut ? head(0, t, o) : a(0, t - kCut, o));
+  EXPECT_LE(kattn_ref::relativeError(all, check.y), tol) << p.describe();
+}
+
 /// attend on heads the caller projected, against the reference's heads before the output
 /// projection: the whole pass and one-token streaming calls (the decode step scales and
 /// featurises the caller's heads itself; forward gives it heads it projected and scaled).

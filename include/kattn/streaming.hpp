@@ -152,11 +152,14 @@ class StreamingState {
     for (const auto& h : m_state) {
       putRaw(os, h.kv.data(), std::size_t(h.kv.size()));
       putRaw(os, h.z.data(), std::size_t(h.z.size()));
-      // Compact ring terms are written as their matrices: the format has one kind of term.
-      putTerms(os, h.ring_kv.size(), [&](std::size_t i) { return h.ringTerm(i); }, h.ring_z);
+      // Ring entries kept as rows are written as their terms: the format has one kind.
+      putTerms(
+          os, h.ring_kv.size(), [&](std::size_t i) { return h.ringTerm(i); },
+          [&](std::size_t i) { return h.ringZ(i); });
       putTerms(
           os, h.front_kv.size(),
-          [&](std::size_t i) -> const Matrix<Scalar>& { return h.front_kv[i]; }, h.front_z);
+          [&](std::size_t i) -> const Matrix<Scalar>& { return h.front_kv[i]; },
+          [&](std::size_t i) -> const Vector<Scalar>& { return h.front_z[i]; });
       putInt(os, std::int64_t(h.front_pos));
     }
     if (!os) throw std::runtime_error("StreamingState::save: write failed");
@@ -203,8 +206,10 @@ class StreamingState {
       getRaw(is, h.kv.data(), std::size_t(h.kv.size()));
       getRaw(is, h.z.data(), std::size_t(h.z.size()));
       getTerms(is, h.ring_kv, h.ring_z, F, V, window);
-      h.ring_k.assign(h.ring_kv.size(), Matrix<Scalar>());
-      h.ring_v.assign(h.ring_kv.size(), Matrix<Scalar>());
+      h.ring_rows.clear();
+      h.ring_block.assign(h.ring_kv.size(), 0);
+      h.ring_at.assign(h.ring_kv.size(), 0);
+      h.ring_n.assign(h.ring_kv.size(), 0);
       getTerms(is, h.front_kv, h.front_z, F, V, window);
       const std::int64_t pos = getInt(is);
       if (pos < 0 || pos > std::int64_t(h.front_kv.size())) {
@@ -238,14 +243,15 @@ class StreamingState {
   static constexpr char kMagic[8] = {'K', 'A', 'T', 'T', 'N', 'S', 'T', '1'};
 
   static void putInt(std::ostream& os, std::int64_t v) { putRaw(os, &v, 1); }
-  /// n terms: kv(i) gives term i's matrix, z[i] its vector.
-  template <typename KvAt, typename ZList>
-  static void putTerms(std::ostream& os, std::size_t n, const KvAt& kv, const ZList& z) {
+  /// n terms: kv(i) and z(i) give term i's matrix and vector.
+  template <typename KvAt, typename ZAt>
+  static void putTerms(std::ostream& os, std::size_t n, const KvAt& kv, const ZAt& z) {
     putInt(os, std::int64_t(n));
     for (std::size_t i = 0; i < n; ++i) {
       const Matrix<Scalar>& m = kv(i);
+      const Vector<Scalar>& w = z(i);
       putRaw(os, m.data(), std::size_t(m.size()));
-      putRaw(os, z[i].data(), std::size_t(z[i].size()));
+      putRaw(os, w.data(), std::size_t(w.size()));
     }
   }
   template <typename KvList, typename ZList>

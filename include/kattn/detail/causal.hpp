@@ -45,12 +45,20 @@ struct CausalHeadState {
                                         ///< them without drop)
   Vector<Scalar> z;                     ///< [F] the same for key features
   std::deque<Matrix<Scalar>> ring_kv;   ///< raw terms KV_c of the chunks in kv (drop only);
-                                        ///< empty where ring_k and ring_v hold the chunk
-  std::deque<Matrix<Scalar>> ring_k;    ///< [C, F] key features of a chunk whose term is
-                                        ///< their product with ring_v (else empty); as long
-                                        ///< as ring_kv
-  std::deque<Matrix<Scalar>> ring_v;    ///< [C, d_v] its values
-  std::deque<Vector<Scalar>> ring_z;    ///< raw terms z_c
+                                        ///< empty for a chunk kept as rows
+  std::deque<Vector<Scalar>> ring_z;    ///< raw terms z_c; empty likewise
+  /// The rows of the chunks kept as rows, whose terms are k'^T v and k'^T 1 (a token's are
+  /// rank one: F + d_v numbers instead of F d_v): chunk after chunk, k' [C, F] then v [C, d_v],
+  /// row-major, in blocks of at least kRingBlock numbers that never reallocate. Not an
+  /// allocation per chunk: malloc grows a secondary arena (which threads use once they met
+  /// contention) a page at a time with a system call each (kattn_bench W5 on two threads:
+  /// 34 microseconds a token that way, 23 in blocks); nor one growing buffer, whose doubling
+  /// copies and first-touches all of it inside one step (30 microseconds a token on average).
+  std::vector<std::vector<Scalar>> ring_rows;
+  std::vector<std::size_t> ring_block;  ///< per ring entry: the block of its rows
+  std::vector<std::size_t> ring_at;     ///< per ring entry: offset of its rows in the block
+  std::vector<Index> ring_n;            ///< per ring entry: its rows, 0 for a kept term
+  static constexpr std::size_t kRingBlock = std::size_t(1) << 16;
   std::vector<Matrix<Scalar>> front_kv; ///< decayed suffix sums of the older chunks (drop only)
   std::vector<Vector<Scalar>> front_z;
   std::size_t front_pos = 0;            ///< first front entry still inside the window
@@ -58,20 +66,34 @@ struct CausalHeadState {
   void reset(Index F, Index dv) {
     kv.setZero(F, dv);
     z.setZero(F);
-    ring_kv.clear();
-    ring_k.clear();
-    ring_v.clear();
-    ring_z.clear();
+    clearRing();
     front_kv.clear();
     front_z.clear();
     front_pos = 0;
   }
 
-  /// The term KV_i of ring entry i: kept, or the product of its rows (the same product as
-  /// when the chunk came in, so the same bits).
+  using RowsMap = Eigen::Map<Matrix<Scalar>>;
+  using ConstRowsMap = Eigen::Map<const Matrix<Scalar>>;
+
+  /// Key features k' [C, F] and values v [C, d_v] of ring entry i, kept as rows.
+  const Scalar* ringRows(std::size_t i) const {
+    return ring_rows[ring_block[i]].data() + ring_at[i];
+  }
+  ConstRowsMap ringK(std::size_t i) const {
+    return ConstRowsMap(ringRows(i), ring_n[i], kv.rows());
+  }
+  ConstRowsMap ringV(std::size_t i) const {
+    return ConstRowsMap(ringRows(i) + std::size_t(ring_n[i] * kv.rows()), ring_n[i], kv.cols());
+  }
+
+  /// The terms KV_i and z_i of ring entry i: kept, or made from its rows.
   Matrix<Scalar> ringTerm(std::size_t i) const {
-    if (ring_kv[i].size() > 0) return ring_kv[i];
-    return ring_k[i].transpose() * ring_v[i];
+    if (ring_n[i] == 0) return ring_kv[i];
+    return ringK(i).transpose() * ringV(i);
+  }
+  Vector<Scalar> ringZ(std::size_t i) const {
+    if (ring_n[i] == 0) return ring_z[i];
+    return ringK(i).colwise().sum().transpose();
   }
 
   /// Whether a chunk's rows are fewer numbers than its term KV_c = k'^T v.
@@ -79,20 +101,45 @@ struct CausalHeadState {
     return kf.rows() * (kf.cols() + v.cols()) < kf.cols() * v.cols();
   }
 
-  /// Adds a chunk to the ring as its term KV_c (and z_c).
+  /// Adds a chunk to the ring as its terms KV_c and z_c.
   void pushTerm(Matrix<Scalar>&& kv_c, Vector<Scalar>&& z_c) {
     ring_kv.push_back(std::move(kv_c));
-    ring_k.emplace_back();
-    ring_v.emplace_back();
     ring_z.push_back(std::move(z_c));
+    ring_block.push_back(0);
+    ring_at.push_back(0);
+    ring_n.push_back(0);
   }
 
-  /// Adds a chunk to the ring as its rows, k' [C, F] and v [C, d_v] (and z_c).
-  void pushRows(const ConstBlock<Scalar>& kf, const ConstBlock<Scalar>& v, Vector<Scalar>&& z_c) {
+  /// Adds a chunk of at least one row to the ring as its rows, k' [C, F] and v [C, d_v].
+  void pushRows(const ConstBlock<Scalar>& kf, const ConstBlock<Scalar>& v) {
+    const Index n = kf.rows(), F = kf.cols();
+    const std::size_t size = std::size_t(n * (F + v.cols()));
+    if (ring_rows.empty() || ring_rows.back().capacity() - ring_rows.back().size() < size) {
+      // A block is used from its start after clearRing; the others are new.
+      if (!(ring_rows.size() == 1 && ring_n.empty())) ring_rows.emplace_back();
+      ring_rows.back().reserve(std::max(kRingBlock, size));
+    }
+    std::vector<Scalar>& block = ring_rows.back();
+    const std::size_t at = block.size();
+    block.resize(at + size);  // within the capacity: the block never moves
+    RowsMap(block.data() + at, n, F) = kf;
+    RowsMap(block.data() + at + std::size_t(n * F), n, v.cols()) = v;
     ring_kv.emplace_back();
-    ring_k.emplace_back(kf);
-    ring_v.emplace_back(v);
-    ring_z.push_back(std::move(z_c));
+    ring_z.emplace_back();
+    ring_block.push_back(ring_rows.size() - 1);
+    ring_at.push_back(at);
+    ring_n.push_back(n);
+  }
+
+  /// Empties the ring; its first block of rows stays for the next chunks.
+  void clearRing() {
+    ring_kv.clear();
+    ring_z.clear();
+    if (ring_rows.size() > 1) ring_rows.resize(1);
+    if (!ring_rows.empty()) ring_rows.front().clear();
+    ring_block.clear();
+    ring_at.clear();
+    ring_n.clear();
   }
 
   /// Chunks currently inside the window (drop regime).
@@ -120,7 +167,7 @@ struct CausalHeadState {
       Scalar weight = Scalar(1);
       for (std::size_t k = n; k-- > 0;) {
         front_kv[k] = weight * ringTerm(k);
-        front_z[k] = weight * ring_z[k];
+        front_z[k] = weight * ringZ(k);
         if (k + 1 < n) {
           front_kv[k] += front_kv[k + 1];
           front_z[k] += front_z[k + 1];
@@ -128,10 +175,7 @@ struct CausalHeadState {
         weight *= gamma;
       }
       front_pos = 0;
-      ring_kv.clear();
-      ring_k.clear();
-      ring_v.clear();
-      ring_z.clear();
+      clearRing();
       kv.setZero();
       z.setZero();
     }
@@ -143,9 +187,12 @@ struct CausalHeadState {
     kv *= factor;
     z *= factor;
     for (auto& m : ring_kv) m *= factor;
-    for (auto& m : ring_k) m *= factor;  // compact terms (exp states, the rescaled ones,
-                                         // keep matrices: see compact_ring)
     for (auto& v : ring_z) v *= factor;
+    for (std::size_t i = 0; i < ring_n.size(); ++i) {  // rows (the exp maps' streaming
+      if (ring_n[i] > 0) {                              // states, the rescaled ones, keep terms)
+        RowsMap(ring_rows[ring_block[i]].data() + ring_at[i], ring_n[i], kv.rows()) *= factor;
+      }
+    }
     for (auto& m : front_kv) m *= factor;
     for (auto& v : front_z) v *= factor;
   }
@@ -364,16 +411,20 @@ void causalDropChunk(const CausalParams& p, CausalHeadState<Scalar>& st,
                      const ConstBlock<Scalar>& v, Block<Scalar> out) {
   const Scalar gamma = Scalar(p.gamma);
   if (Index(st.windowChunks()) >= p.window) st.dropOldest(gamma);
-  Vector<Scalar> z_c = kf.colwise().sum().transpose();
-  st.z = gamma * st.z + z_c;
   if (p.compact_ring && st.rowsAreSmaller(kf, v)) {
-    // The ring keeps the rows, so the term is never made: it goes into kv directly.
-    if (gamma != Scalar(1)) st.kv *= gamma;
+    // The ring keeps the rows, so the terms are never made: they go into kv and z directly.
+    if (gamma != Scalar(1)) {
+      st.kv *= gamma;
+      st.z *= gamma;
+    }
     st.kv.noalias() += kf.transpose() * v;
-    st.pushRows(kf, v, std::move(z_c));
+    st.z += kf.colwise().sum().transpose();
+    st.pushRows(kf, v);
   } else {
     Matrix<Scalar> kv_c = kf.transpose() * v;
+    Vector<Scalar> z_c = kf.colwise().sum().transpose();
     st.kv = gamma * st.kv + kv_c;
+    st.z = gamma * st.z + z_c;
     st.pushTerm(std::move(kv_c), std::move(z_c));
   }
   auto readout = [&](const Matrix<Scalar>& s_kv, const Vector<Scalar>& s_z) {

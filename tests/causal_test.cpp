@@ -726,11 +726,13 @@ TYPED_TEST(CausalTest, OneTokenCallsWithWideValuesMatchWholePass) {
 /// CausalHeadState::kRingBlock numbers: with d = d_v = 64 (128 numbers a token) and a window
 /// of 520 tokens, the ring spans two blocks before its first drop and again after it. One-token
 /// calls against the reference, and a state saved while its ring spans two blocks (restored, it
-/// holds the terms as matrices) continues bit for bit.
+/// holds the terms as matrices) continues bit for bit. The ring does not depend on the map:
+/// relu only (float and double), since 1100 one-token calls are slow under ThreadSanitizer.
 TYPED_TEST(CausalTest, ExactStreamingAcrossRingBlocks) {
   using Layer = typename TestFixture::Layer;
   using Scalar = typename TestFixture::Scalar;
   using State = typename TestFixture::State;
+  if (TestFixture::mapName() != std::string("relu")) GTEST_SKIP() << "relu only";
   constexpr Index kT = 1100, kWindow = 520, kCut = 515;
   static_assert(kCut * 128 > Index(kattn::detail::CausalHeadState<Scalar>::kRingBlock),
                 "the ring must span two blocks at the cut");

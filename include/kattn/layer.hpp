@@ -571,6 +571,7 @@ class KernelAttention {
   struct RowWork {
     Mat qs, ks, vs, qf, kf, heads;
     Mat x, v, f;  // per-head blocks of the streamed passes
+    Vector<Scalar> d;
   };
 
   /// A RowWork borrowed from the layer's free list and returned on destruction: forwards of
@@ -811,16 +812,28 @@ class KernelAttention {
   /// that a block's rows and features stay in cache.
   static constexpr Index kStreamRows = 256;
 
+  /// Key groups per head of the streamed low-rank pass: its key pass runs as heads x groups
+  /// tasks, so that a pool's threads share the work evenly even when they run at different
+  /// speeds. A function of S alone, like the summation order it fixes.
+  static constexpr Index kKeyGroups = 4;
+
+  /// Key groups of a key pass over S keys in blocks of kStreamRows.
+  static Index keyGroups(Index S) {
+    return std::min(kKeyGroups, (S + kStreamRows - 1) / kStreamRows);
+  }
+
   /**
    * SPEC 3.2 in the low-rank form without materialising any sequence-long feature matrix:
-   * per head, one pass over key blocks accumulates KV and z, one pass over query blocks
-   * reads them out into heads [Tq, N d_v].
+   * per head, passes over key blocks accumulate KV and z in up to kKeyGroups partial sums
+   * (one task each), the partials are added in a fixed order, and one task per head and query
+   * block reads them out into heads [Tq, N d_v].
    *
    * The exp maps' reference shift (the largest logit over the whole batch row and all heads)
    * only matters through the eps of the normaliser: with features computed under any shifts
    * mq, mk instead of the reference's Mq, Mk, a_t = q'KV / (q'z + eps e^(Mq - mq) e^(Mk - mk))
-   * exactly. So keys use a running per-head maximum (rescaling KV and z when it grows) and
-   * queries a per-block maximum; the normalisation waits until Mq and Mk are known.
+   * exactly. So each key group uses a running maximum (rescaling its sums when it grows), the
+   * groups of a head are brought to their common maximum when added, and queries use a
+   * per-block maximum; the normalisation waits until Mq and Mk are known.
    */
   template <typename Map>
   void lowRankRow(const Map& map, const Inputs& in, Index b, Index q0, Index q1, Scalar sb,
@@ -832,23 +845,56 @@ class KernelAttention {
     const Scalar* mask_row = in.mask ? in.mask + b * S : nullptr;
     const Scalar eps = Scalar(detail::kNormaliserEps);
     const Scalar minus_inf = -std::numeric_limits<Scalar>::infinity();
-    std::vector<Mat> kv(static_cast<std::size_t>(N));
+    const Index G = keyGroups(S), k_blocks = (S + L - 1) / L;
+    // Partial sums of group g of head n at n G + g; the head's total ends up at n G.
+    std::vector<Mat> kv(static_cast<std::size_t>(N * G));
     std::vector<Vector<Scalar>> z(kv.size());
     std::vector<Scalar> mk(kv.size(), minus_inf);
+    const auto groups_left = std::make_unique<std::atomic<Index>[]>(std::size_t(N));
+    for (Index n = 0; n < N; ++n) groups_left[std::size_t(n)] = G;
     const Index q_blocks = (Tq + L - 1) / L;
     Mat den(shifted ? Tq : 0, N);             // q'z per (row, head), exp maps only
     Mat mq(shifted ? q_blocks : 0, N);        // shift of each query block and head
 
-    forEach(N, pool, [&](Index n) {
-      const std::size_t h = static_cast<std::size_t>(n);
+    // Adds head n's groups into its first, in group order, each brought to their common
+    // maximum (exp maps). Non-finite logits leave the shifts alone, so NaN and Inf still reach
+    // every output, as in one running sum.
+    auto addGroups = [&](Index n) {
+      const std::size_t h0 = std::size_t(n * G);
+      Scalar M = minus_inf;
+      if constexpr (shifted) {
+        for (Index g = 0; g < G; ++g) M = std::max(M, mk[h0 + std::size_t(g)]);
+      }
+      auto weight = [&](std::size_t i) {
+        return shifted && std::isfinite(M) && std::isfinite(mk[i]) ? std::exp(mk[i] - M)
+                                                                   : Scalar(1);
+      };
+      const Scalar c0 = weight(h0);
+      if (c0 != Scalar(1)) {
+        kv[h0] *= c0;
+        z[h0] *= c0;
+      }
+      for (Index g = 1; g < G; ++g) {
+        const std::size_t i = h0 + std::size_t(g);
+        const Scalar c = weight(i);
+        kv[h0].noalias() += c * kv[i];
+        z[h0].noalias() += c * z[i];
+      }
+      if constexpr (shifted) mk[h0] = M;
+    };
+
+    forEach(N * G, pool, [&](Index task) {
+      const Index n = task / G, g = task % G;
+      const std::size_t h = static_cast<std::size_t>(task);
       Workspace ws(*this);
       Mat& x = (*ws).x;
       Mat& v = (*ws).v;
       Mat& f = (*ws).f;
       kv[h].setZero(F, dv);
       z[h].setZero(F);
-      for (Index s0 = 0; s0 < S; s0 += L) {
-        const Index len = std::min(L, S - s0);
+      const Index first = g * k_blocks / G * L, last = std::min(S, (g + 1) * k_blocks / G * L);
+      for (Index s0 = first; s0 < last; s0 += L) {
+        const Index len = std::min(L, last - s0);
         headRows(in, Side::Key, b, n, s0, len, r, x);
         headRows(in, Side::Value, b, n, s0, len, Scalar(1), v);
         f.resize(len, F);
@@ -875,43 +921,49 @@ class KernelAttention {
         kv[h].noalias() += f.transpose() * v;
         z[h].noalias() += f.colwise().sum().transpose();
       }
+      // The last group of a head to finish adds them up; acq_rel makes the others' sums
+      // visible to it.
+      if (G > 1 && groups_left[std::size_t(n)].fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        addGroups(n);
+      }
     });
 
-    forEach(N, pool, [&](Index n) {
-      const std::size_t h = static_cast<std::size_t>(n);
+    forEach(N * q_blocks, pool, [&](Index task) {
+      const Index n = task / q_blocks, j = task % q_blocks, t0 = j * L;
+      const std::size_t h = static_cast<std::size_t>(n * G);
       Workspace ws(*this);
       Mat& x = (*ws).x;
       Mat& f = (*ws).f;
-      Vector<Scalar> d;
-      for (Index t0 = 0; t0 < Tq; t0 += L) {
-        const Index len = std::min(L, Tq - t0);
-        headRows(in, Side::Query, b, n, q0 + t0, len, r, x);
-        f.resize(len, F);
-        const FeatureInput<Scalar> fin{x, P, true};
-        auto out = heads.block(t0, n * dv, len, dv);
-        if constexpr (shifted) {
-          map.logits(fin, Blk(f));
-          const Scalar m = f.maxCoeff();
-          mq(t0 / L, n) = m;
-          map.finish(fin, Blk(f), m);
-          out.noalias() = f * kv[h];
-          den.block(t0, n, len, 1).noalias() = f * z[h];
-        } else {
-          map(fin, Blk(f));
-          out.noalias() = f * kv[h];
-          d.noalias() = f * z[h];
-          for (Index t = 0; t < len; ++t) out.row(t) /= d(t) + eps;
-        }
+      const Index len = std::min(L, Tq - t0);
+      headRows(in, Side::Query, b, n, q0 + t0, len, r, x);
+      f.resize(len, F);
+      const FeatureInput<Scalar> fin{x, P, true};
+      auto out = heads.block(t0, n * dv, len, dv);
+      if constexpr (shifted) {
+        map.logits(fin, Blk(f));
+        const Scalar m = f.maxCoeff();
+        mq(j, n) = m;
+        map.finish(fin, Blk(f), m);
+        out.noalias() = f * kv[h];
+        den.block(t0, n, len, 1).noalias() = f * z[h];
+      } else {
+        map(fin, Blk(f));
+        out.noalias() = f * kv[h];
+        Vector<Scalar>& d = (*ws).d;
+        d.noalias() = f * z[h];
+        for (Index t = 0; t < len; ++t) out.row(t) /= d(t) + eps;
       }
     });
 
     if constexpr (shifted) {
-      const Scalar Mk = *std::max_element(mk.begin(), mk.end());
+      Scalar Mk = minus_inf;
+      for (Index n = 0; n < N; ++n) Mk = std::max(Mk, mk[std::size_t(n * G)]);
       const Scalar Mq = Tq ? mq.maxCoeff() : Scalar(0);
       Mat eps_eff(q_blocks, N);  // eps e^(Mq - mq) e^(Mk - mk): underflowing features give 0,
       for (Index j = 0; j < q_blocks; ++j)   // as in the reference
         for (Index n = 0; n < N; ++n) {
-          const Scalar key_part = std::isfinite(mk[std::size_t(n)]) ? Mk - mk[std::size_t(n)] : 0;
+          const Scalar mkn = mk[std::size_t(n * G)];
+          const Scalar key_part = std::isfinite(mkn) ? Mk - mkn : 0;
           eps_eff(j, n) = eps * std::exp(Mq - mq(j, n) + key_part);
         }
       forRowSlices(Tq, pool, [&](Index s0, Index len) {

@@ -161,19 +161,53 @@ TEST(MemoryLimit, StreamingStateAndItsExactWindow) {
         [&] { (void)layer.makeState(5000, kattn::StreamingMode::Exact); },
         "a StreamingState of batch 5000, 2 heads, 64 features and value_dim 4 needs"));
   }
-  // Exact mode keeps the window's chunk terms: 2 x 2 heads x 320 floats = 5 KiB per chunk.
+  // Exact mode keeps the window's chunks. Relu's states keep a token's rows, F + d_v = 68
+  // floats per head, with one block of 64Ki floats per head being filled; the bound per head is
+  // 320 (kv and z) + 68 per chunk held or added + 65536.
   auto state = layer.makeState(1, kattn::StreamingMode::Exact);
-  const auto x = ones(1, 256, D);
-  LimitGuard guard(2 * kMiB);
-  EXPECT_NO_THROW(layer.forward(x, x, std::nullopt, std::nullopt, state));  // 256 chunks: 1.25 MiB
-  EXPECT_TRUE(throwsWith<kattn::MemoryLimitError>(
-      [&] { layer.forward(x, x, std::nullopt, std::nullopt, state); },
-      "the exact streaming window of 512 chunks needs"));
+  const auto x = ones(1, 1024, D);
+  auto feed = [](auto& l, auto& s, const kattn::Tensor<float, 3>& in) {
+    return [lp = &l, sp = &s, ip = &in] {
+      lp->forward(*ip, *ip, std::nullopt, std::nullopt, *sp);
+    };
+  };
+  {
+    LimitGuard guard(2 * kMiB);
+    EXPECT_NO_THROW(feed(layer, state, x)());  // 2 heads x 135,488 floats = 1.03 MiB
+    EXPECT_NO_THROW(feed(layer, state, x)());  // 205,120 x 2 floats = 1.57 MiB
+    EXPECT_TRUE(throwsWith<kattn::MemoryLimitError>(  // 274,752 x 2 floats = 2.10 MiB
+        feed(layer, state, x), "the exact streaming window of 3072 chunks needs 2.1 MiB"));
+  }
+  {
+    // Once the window drops, the state also holds up to W suffix sums of 320 floats.
+    kattn::LayerConfig c = config(true, 64);
+    c.causal_window_length = 512;
+    kattn::KernelAttention<float, kattn::Relu, kattn::CausalWindowed> windowed(c);
+    setOnes(windowed, D);
+    auto s = windowed.makeState(1, kattn::StreamingMode::Exact);
+    const auto x400 = ones(1, 400, D);
+    LimitGuard guard(3 * kMiB / 2);
+    EXPECT_NO_THROW(feed(windowed, s, x400)());  // no drop: 93,056 x 2 floats = 0.71 MiB
+    EXPECT_TRUE(throwsWith<kattn::MemoryLimitError>(  // 284,096 x 2 floats = 2.17 MiB
+        feed(windowed, s, x400), "the exact streaming window of 512 chunks needs 2.2 MiB"));
+  }
+  {
+    // The exp maps' states keep every chunk as a term: 64 x 4 + 64 = 320 floats per head.
+    kattn::LayerConfig c = config(true, 64);
+    c.feature_transform = "exp";
+    kattn::KernelAttention<float, kattn::Exp, kattn::CausalWindowed> exp_layer(c);
+    setOnes(exp_layer, D);
+    auto s = exp_layer.makeState(1, kattn::StreamingMode::Exact);
+    const auto x256 = ones(1, 256, D);
+    LimitGuard guard(2 * kMiB);
+    for (int i = 0; i < 3; ++i) EXPECT_NO_THROW(feed(exp_layer, s, x256)());  // 1.88 MiB last
+    EXPECT_TRUE(throwsWith<kattn::MemoryLimitError>(  // 2 x (320 + 1024 x 320) floats
+        feed(exp_layer, s, x256), "the exact streaming window of 1024 chunks needs 2.5 MiB"));
+  }
   // The recurrent state does not grow.
   auto recurrent = layer.makeState(1, kattn::StreamingMode::Recurrent);
-  for (int i = 0; i < 4; ++i) {
-    EXPECT_NO_THROW(layer.forward(x, x, std::nullopt, std::nullopt, recurrent));
-  }
+  LimitGuard guard(2 * kMiB);
+  for (int i = 0; i < 4; ++i) EXPECT_NO_THROW(feed(layer, recurrent, x)());
 }
 
 TEST(MemoryLimit, SafetensorsTensorAndFile) {

@@ -1199,7 +1199,7 @@ class KernelAttention {
                         const Mat* P, RowWork& w, Eigen::Ref<Mat> heads,
                         const ThreadPool* pool) const {
     const Index N = m_heads, dv = m_value_dim;
-    if (L == 1 && !params.drop && !pool) {
+    if (L == 1 && !pool) {
       causalStep(params, st, in, b, r0, r, P, w, heads);
       return;
     }
@@ -1238,11 +1238,12 @@ class KernelAttention {
   }
 
   /**
-   * causalHeadsFused for a decode step (one row of batch row b, no drop) on the calling
-   * thread: scaling, features and key mask go over the row of all heads at once, then the
-   * one-token kernel runs per head (done per head they were a third of a step). Features go
-   * in w.qf and w.kf, which the fused pass leaves unused; a scaled copy of the caller's heads
-   * in w.qs and w.ks, which hold projections only when the caller gave none.
+   * causalHeadsFused for a decode step (one row of batch row b) on the calling thread:
+   * scaling, features and key mask go over the row of all heads at once, then the one-token
+   * kernel (or the exact state's one-token chunk) runs per head (done per head they were a
+   * third of a step). Features go in w.qf and w.kf, which the fused pass leaves unused; a
+   * scaled copy of the caller's heads in w.qs and w.ks, which hold projections only when the
+   * caller gave none.
    */
   void causalStep(const detail::CausalParams& params, detail::CausalHeadState<Scalar>* st,
                   const Inputs& in, Index b, Index r0, Scalar r, const Mat* P, RowWork& w,
@@ -1255,9 +1256,14 @@ class KernelAttention {
     sideFeatures(in.k_heads, w.ks, row, 0, 1, 0, N, r, P, false, w.ks, w.kf);
     maskRows(w.kf, in.mask ? in.mask + row : nullptr);
     for (Index n = 0; n < N; ++n) {
-      detail::causalToken<Scalar>(Scalar(params.gamma), st[n], w.qf.middleCols(n * F, F),
-                                  w.kf.middleCols(n * F, F), v.middleCols(n * dv, dv),
-                                  heads.middleCols(n * dv, dv));
+      const auto q = w.qf.middleCols(n * F, F), k = w.kf.middleCols(n * F, F);
+      if (params.drop) {
+        detail::causalDropChunk<Scalar>(params, st[n], q, k, v.middleCols(n * dv, dv),
+                                        heads.middleCols(n * dv, dv));
+      } else {
+        detail::causalToken<Scalar>(Scalar(params.gamma), st[n], q, k, v.middleCols(n * dv, dv),
+                                    heads.middleCols(n * dv, dv));
+      }
     }
   }
 
@@ -1428,12 +1434,14 @@ class KernelAttention {
       params.compact_ring = !Traits::max_shifted;
     }
     if (state.mode() == StreamingMode::Exact && in.B > 0) {
-      // The window's chunk terms are kept twice (ring and suffix sums) for every head.
-      const double chunks =
-          std::min(double(m_masking.window), double(state.head(0, 0).windowChunks()) +
-                                                 double((T + m_masking.chunk - 1) / m_masking.chunk));
-      const double F = double(state.features()), dv = double(m_value_dim);
-      checkAllocation(2 * chunks * double(in.B) * double(N) * (F * dv + F), sizeof(Scalar), [&] {
+      // Every head holds the same chunks: the window's chunks (as rows or terms) and, once
+      // the window drops, its suffix sums. A call may also finish the last call's chunk.
+      const Index C = m_masking.chunk, W = m_masking.window;
+      const auto& h = state.head(0, 0);
+      const double calls_chunks = double((T + C - 1) / C + (C > 1 ? 1 : 0));
+      const double numbers = h.numbersAfter(calls_chunks, C, W, params.compact_ring);
+      checkAllocation(numbers * double(in.B) * double(N), sizeof(Scalar), [&] {
+        const double chunks = std::min(double(W), double(h.windowChunks()) + calls_chunks);
         return "the exact streaming window of " + std::to_string(Index(chunks)) + " chunks";
       });
     }

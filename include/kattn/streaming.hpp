@@ -69,9 +69,11 @@ class StreamingState {
     reset();
   }
 
-  /// Back to the state before any token, keeping the sizes and mode.
+  /// Back to the state before any token, keeping the sizes and mode, and the memory that held
+  /// the exact window's rows: a state reused for the next sequence writes them into memory it
+  /// already touched (a new state starts without it).
   void reset() {
-    m_state.assign(std::size_t(m_batch * m_heads), detail::CausalHeadState<Scalar>());
+    m_state.resize(std::size_t(m_batch * m_heads));
     for (auto& h : m_state) h.reset(m_features, m_value_dim);
     m_key_shift.assign(std::size_t(m_batch), -std::numeric_limits<Scalar>::infinity());
     m_tokens = 0;
@@ -207,9 +209,11 @@ class StreamingState {
       getRaw(is, h.z.data(), std::size_t(h.z.size()));
       getTerms(is, h.ring_kv, h.ring_z, F, V, window);
       h.ring_rows.clear();
+      h.ring_cur = 0;
       h.ring_block.assign(h.ring_kv.size(), 0);
       h.ring_at.assign(h.ring_kv.size(), 0);
       h.ring_n.assign(h.ring_kv.size(), 0);
+      h.ring_numbers = h.ring_kv.size() * std::size_t(F * (V + 1));
       getTerms(is, h.front_kv, h.front_z, F, V, window);
       const std::int64_t pos = getInt(is);
       if (pos < 0 || pos > std::int64_t(h.front_kv.size())) {

@@ -54,11 +54,15 @@ struct CausalHeadState {
   /// contention) a page at a time with a system call each (kattn_bench W5 on two threads:
   /// 34 microseconds a token that way, 23 in blocks); nor one growing buffer, whose doubling
   /// copies and first-touches all of it inside one step (30 microseconds a token on average).
+  /// Emptied blocks stay for the chunks that come after (clearRing, reset), so a state that
+  /// goes on, or starts over, writes into memory it already touched.
   std::vector<std::vector<Scalar>> ring_rows;
+  std::size_t ring_cur = 0;             ///< the block being filled
   std::vector<std::size_t> ring_block;  ///< per ring entry: the block of its rows
   std::vector<std::size_t> ring_at;     ///< per ring entry: offset of its rows in the block
   std::vector<Index> ring_n;            ///< per ring entry: its rows, 0 for a kept term
   static constexpr std::size_t kRingBlock = std::size_t(1) << 16;
+  std::size_t ring_numbers = 0;         ///< numbers the ring's entries hold (rows and terms)
   std::vector<Matrix<Scalar>> front_kv; ///< decayed suffix sums of the older chunks (drop only)
   std::vector<Vector<Scalar>> front_z;
   std::size_t front_pos = 0;            ///< first front entry still inside the window
@@ -103,6 +107,7 @@ struct CausalHeadState {
 
   /// Adds a chunk to the ring as its terms KV_c and z_c.
   void pushTerm(Matrix<Scalar>&& kv_c, Vector<Scalar>&& z_c) {
+    ring_numbers += std::size_t(kv_c.size() + z_c.size());
     ring_kv.push_back(std::move(kv_c));
     ring_z.push_back(std::move(z_c));
     ring_block.push_back(0);
@@ -114,36 +119,57 @@ struct CausalHeadState {
   void pushRows(const ConstBlock<Scalar>& kf, const ConstBlock<Scalar>& v) {
     const Index n = kf.rows(), F = kf.cols();
     const std::size_t size = std::size_t(n * (F + v.cols()));
-    if (ring_rows.empty() || ring_rows.back().capacity() - ring_rows.back().size() < size) {
-      // A block is used from its start after clearRing; the others are new.
-      if (!(ring_rows.size() == 1 && ring_n.empty())) ring_rows.emplace_back();
-      ring_rows.back().reserve(std::max(kRingBlock, size));
+    if (ring_rows.empty()) {
+      ring_rows.emplace_back().reserve(std::max(kRingBlock, size));
+      ring_cur = 0;
+    } else if (ring_rows[ring_cur].capacity() - ring_rows[ring_cur].size() < size) {
+      if (++ring_cur == ring_rows.size()) ring_rows.emplace_back();
+      ring_rows[ring_cur].reserve(std::max(kRingBlock, size));  // the next block is empty
     }
-    std::vector<Scalar>& block = ring_rows.back();
+    std::vector<Scalar>& block = ring_rows[ring_cur];
     const std::size_t at = block.size();
     block.resize(at + size);  // within the capacity: the block never moves
     RowsMap(block.data() + at, n, F) = kf;
     RowsMap(block.data() + at + std::size_t(n * F), n, v.cols()) = v;
     ring_kv.emplace_back();
     ring_z.emplace_back();
-    ring_block.push_back(ring_rows.size() - 1);
+    ring_block.push_back(ring_cur);
     ring_at.push_back(at);
     ring_n.push_back(n);
+    ring_numbers += size;
   }
 
-  /// Empties the ring; its first block of rows stays for the next chunks.
+  /// Empties the ring; its blocks of rows stay for the next chunks.
   void clearRing() {
     ring_kv.clear();
     ring_z.clear();
-    if (ring_rows.size() > 1) ring_rows.resize(1);
-    if (!ring_rows.empty()) ring_rows.front().clear();
+    for (auto& block : ring_rows) block.clear();
+    ring_cur = 0;
     ring_block.clear();
     ring_at.clear();
     ring_n.clear();
+    ring_numbers = 0;
   }
 
   /// Chunks currently inside the window (drop regime).
   std::size_t windowChunks() const { return front_kv.size() - front_pos + ring_kv.size(); }
+
+  /**
+   * Numbers this state may hold (drop regime) after `chunks` more chunks of at most C rows
+   * went through a window of W chunks: the ring as it is plus the new chunks (as rows when
+   * `rows` allows and they are smaller than a term, as terms otherwise), with the ring's
+   * partly used block of rows; and the front, which becomes up to W sums once the window
+   * drops. An upper bound, for the memory limit.
+   */
+  double numbersAfter(double chunks, Index C, Index W, bool rows) const {
+    const double F = double(kv.rows()), dv = double(kv.cols()), term = F * (dv + 1);
+    const bool as_rows = rows && double(C) * (F + dv) < F * dv;
+    const double entry = as_rows ? double(C) * (F + dv) : term;
+    const bool drops = double(windowChunks()) + chunks > double(W);
+    const double front = (drops ? double(W) : double(front_kv.size())) * term;
+    return term + double(ring_numbers) + std::min(chunks, double(W)) * entry +
+           (as_rows ? double(kRingBlock) : 0.0) + front;
+  }
 
   /// The window sum S (and its z) of the last chunk: kv plus the decayed older suffix.
   void windowSum(Scalar gamma, Matrix<Scalar>& s_kv, Vector<Scalar>& s_z) const {
@@ -411,6 +437,14 @@ void causalDropChunk(const CausalParams& p, CausalHeadState<Scalar>& st,
                      const ConstBlock<Scalar>& v, Block<Scalar> out) {
   const Scalar gamma = Scalar(p.gamma);
   if (Index(st.windowChunks()) >= p.window) st.dropOldest(gamma);
+  const bool front_empty = st.front_pos == st.front_kv.size();
+  if (p.compact_ring && front_empty && kf.rows() == 1) {
+    // A one-token chunk with nothing older in the window: the state is kv alone, so this is
+    // the one-token kernel of the no-drop pass, and the ring keeps the token's rows.
+    causalToken<Scalar>(gamma, st, qf, kf, v, out);
+    st.pushRows(kf, v);
+    return;
+  }
   if (p.compact_ring && st.rowsAreSmaller(kf, v)) {
     // The ring keeps the rows, so the terms are never made: they go into kv and z directly.
     if (gamma != Scalar(1)) {
@@ -427,19 +461,16 @@ void causalDropChunk(const CausalParams& p, CausalHeadState<Scalar>& st,
     st.z = gamma * st.z + z_c;
     st.pushTerm(std::move(kv_c), std::move(z_c));
   }
-  auto readout = [&](const Matrix<Scalar>& s_kv, const Vector<Scalar>& s_z) {
-    const Vector<Scalar> den = (qf * s_z).array() + Scalar(kNormaliserEps);
-    out.noalias() = qf * s_kv;
-    divideRows<Scalar>(out, den);
-  };
-  if (st.front_pos == st.front_kv.size()) {
-    readout(st.kv, st.z);  // nothing older in the window: its sum is kv
-    return;
+  // The window's sum is kv plus the decayed older suffix (windowSum), read out here without
+  // forming it: two products instead of a copy of the state per chunk.
+  Vector<Scalar> den = (qf * st.z).array() + Scalar(kNormaliserEps);
+  out.noalias() = qf * st.kv;
+  if (!front_empty) {
+    const Scalar g = std::pow(gamma, Scalar(st.ring_kv.size()));
+    den.noalias() += g * (qf * st.front_z[st.front_pos]);
+    out.noalias() += g * (qf * st.front_kv[st.front_pos]);
   }
-  Matrix<Scalar> s_kv;
-  Vector<Scalar> s_z;
-  st.windowSum(gamma, s_kv, s_z);
-  readout(s_kv, s_z);
+  divideRows<Scalar>(out, den);
 }
 
 /**

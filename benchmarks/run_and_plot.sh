@@ -231,9 +231,12 @@ md.append("Target 4 has three rows. `W5/recurrent` is the reference's decode cac
           "as `W5/kattn`, an exact-mode state (the default without a decay). An exact state keeps "
           "each chunk for the day it leaves the window (here a token's key features and values, "
           "F + d_v numbers per head), so with a window this long its memory grows by about 4.5 KiB per "
-          "token, and on a fresh state (`W5/kattn`) the first touch of that memory is most of its "
-          "time per token. `W5/reused` is the same state after `reset()` following a sequence as "
-          "long, as a server reuses a state for its next sequence: reset keeps the memory.\n")
+          "token. A new state (`W5/kattn`) takes that memory from the allocator: in this suite, "
+          "after the benchmarks before it, mostly memory the process touched before; in a process "
+          "of its own every token's rows land on pages never touched, and their page faults "
+          "(2-25 µs per 4 KiB page on this machine, from day to day) are most of its time. "
+          "`W5/reused` is the same state after `reset()` following a sequence as long, as a "
+          "server reuses a state for its next sequence: reset keeps the memory.\n")
 md.append("## All numbers\n")
 md.append("Time per call (W5: per token); GFLOP/s from the essential FLOP counts of "
           "[benchmarks/flops.hpp](../benchmarks/flops.hpp); speed-up = 1-thread time / "

@@ -150,6 +150,31 @@ TEST(MemoryLimit, QuadraticFormsAreRefusedButTheLowRankFormIsNot) {
       layer.forward(x, x, std::nullopt, std::nullopt, false, kattn::TensorMap<float, 3>(y)));
 }
 
+TEST(MemoryLimit, LowRankBlocksAndTheCausalWindowAreCounted) {
+  const Index D = 8;
+  {
+    // 65536 features: a low-rank task's block of features [256, 65536] alone is 64 MiB.
+    kattn::KernelAttention<float, kattn::Relu> layer(config(false, 1 << 16));
+    setOnes(layer, D);
+    const auto x = ones(1, 300, D);
+    LimitGuard guard(32 * kMiB);
+    EXPECT_TRUE(throwsWith<kattn::MemoryLimitError>(
+        [&] { layer.forward(x, x); }, "the working buffers of 300 queries and 300 keys needs"));
+  }
+  {
+    // A dropping window of 20000 one-token chunks: 2 heads x (320 + 20000 x 68 rows + 65536 +
+    // 20000 x 320 suffix sums) floats = 59.7 MiB.
+    kattn::LayerConfig c = config(true, 64);
+    c.causal_window_length = 20000;
+    kattn::KernelAttention<float, kattn::Relu, kattn::CausalWindowed> layer(c);
+    setOnes(layer, D);
+    const auto x = ones(1, 40000, D);
+    LimitGuard guard(32 * kMiB);
+    EXPECT_TRUE(throwsWith<kattn::MemoryLimitError>(
+        [&] { layer.forward(x, x); }, "the causal window of 20000 chunks needs 59.7 MiB"));
+  }
+}
+
 TEST(MemoryLimit, StreamingStateAndItsExactWindow) {
   kattn::KernelAttention<float, kattn::Relu, kattn::CausalWindowed> layer(config(true, 64));
   const Index D = 8;

@@ -1056,7 +1056,14 @@ class KernelAttention {
                                                            : double(m_value_dim));
       const double batch = feature_map_traits<Map>::pair_statistics && P ? double(in.B) : 1.0;
       const double rows = whole_rows ? batch * (double(Tq) + double(in.S)) : double(Tq);
-      checkAllocation(rows * per_row, sizeof(Scalar), [&] {
+      // The low-rank form's tasks hold a block of rows, values and features each, and its
+      // key pass up to kKeyGroups partial sums per head.
+      const double blocks = whole_rows ? 0.0
+                                       : double(m_pool ? m_pool->threads() : 1) * kStreamRows *
+                                                 double(F + m_key_dim + m_value_dim) +
+                                             double(m_heads) * double(keyGroups(in.S)) *
+                                                 double(F) * double(m_value_dim + 1);
+      checkAllocation(rows * per_row + blocks, sizeof(Scalar), [&] {
         return "the working buffers of " + std::to_string(Tq) + " queries and " +
                std::to_string(in.S) + " keys";
       });
@@ -1312,6 +1319,18 @@ class KernelAttention {
     const Index N = m_heads, dv = m_value_dim, F = numFeatures(), T = in.T;
     const detail::CausalParams params = wholePassParams(T);
     const Index lead = m_masking.leadingPad(T);
+    if (params.drop) {
+      // The window's chunks (rows or terms) and, once it drops, up to W suffix sums, for every
+      // head of the batch rows that run at once.
+      const double chunks = double((T + lead + params.chunk - 1) / params.chunk);
+      const double at_once = double(std::min<Index>(in.B, m_pool ? m_pool->threads() : 1));
+      const double numbers = detail::CausalHeadState<Scalar>::windowNumbers(
+          double(F), double(dv), 0, 0, 0, chunks, params.chunk, params.window,
+          params.compact_ring);
+      checkAllocation(numbers * double(N) * at_once, sizeof(Scalar), [&] {
+        return "the causal window of " + std::to_string(params.window) + " chunks";
+      });
+    }
     if constexpr (Traits::pair_statistics) {
       if (P) {
         // expplus sees the whole sequence (its coefficients use future positions, as in the

@@ -162,13 +162,20 @@ struct CausalHeadState {
    * drops. An upper bound, for the memory limit.
    */
   double numbersAfter(double chunks, Index C, Index W, bool rows) const {
-    const double F = double(kv.rows()), dv = double(kv.cols()), term = F * (dv + 1);
+    return windowNumbers(double(kv.rows()), double(kv.cols()), double(ring_numbers),
+                         double(windowChunks()), double(front_kv.size()), chunks, C, W, rows);
+  }
+
+  /// numbersAfter for a state of F features and d_v values whose ring holds `held` numbers
+  /// in `in_window` chunks, with `front` suffix sums: also for a state not yet made.
+  static double windowNumbers(double F, double dv, double held, double in_window, double front,
+                              double chunks, Index C, Index W, bool rows) {
+    const double term = F * (dv + 1);
     const bool as_rows = rows && double(C) * (F + dv) < F * dv;
     const double entry = as_rows ? double(C) * (F + dv) : term;
-    const bool drops = double(windowChunks()) + chunks > double(W);
-    const double front = (drops ? double(W) : double(front_kv.size())) * term;
-    return term + double(ring_numbers) + std::min(chunks, double(W)) * entry +
-           (as_rows ? double(kRingBlock) : 0.0) + front;
+    const bool drops = in_window + chunks > double(W);
+    return term + held + std::min(chunks, double(W)) * entry +
+           (as_rows ? double(kRingBlock) : 0.0) + (drops ? double(W) : front) * term;
   }
 
   /// The window sum S (and its z) of the last chunk: kv plus the decayed older suffix.

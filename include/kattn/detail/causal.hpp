@@ -326,6 +326,146 @@ void causalToken(Scalar gamma, CausalHeadState<Scalar>& st, const ConstBlock<Sca
   st.z = gamma * st.z + kf.row(0).transpose();
 }
 
+/// Tokens that causalTokens takes through one pass over the state, and the state's columns it
+/// carries per pass: 128 bytes (two 512-bit registers), so that the block's readout sums, its
+/// value panels and a state row (8 + 8 + 2 registers) all stay in registers.
+inline constexpr int kTokenBlock = 4;
+template <typename Scalar>
+inline constexpr int kBlockPanel = int(128 / sizeof(Scalar));
+
+/// What causalTokenBlockPanel needs of a block of kTokenBlock tokens, l = 0 .. 3: rows of
+/// q' and of k' weighted by gamma^(3 - l); intra-block weights s(l, j) = gamma^(l - j) q'_l.k'_j
+/// (j <= l); readout factors gamma^(l + 1), normalisers den_l; gamma^4.
+template <typename Scalar>
+struct TokenBlock {
+  const Scalar* q[kTokenBlock];
+  const Scalar* k[kTokenBlock];
+  const Scalar* v[kTokenBlock];
+  Scalar s[kTokenBlock][kTokenBlock];
+  Scalar g_out[kTokenBlock];
+  Scalar den[kTokenBlock];
+  Scalar g_state;
+};
+
+/// causalTokens' pass for one block over the state's columns [c0, c0 + width) (W =
+/// kBlockPanel, or Dynamic for the last, narrower panel): one load and one store of each
+/// state row for four tokens,
+/// where causalToken stores it four times (with its four loads and stores per row the
+/// one-token kernel is bound by the stores as much as by its multiply-adds).
+template <bool Decays, int W, typename Scalar>
+void causalTokenBlockPanel(const TokenBlock<Scalar>& b, Matrix<Scalar>& kv, Index c0,
+                           Index width, Scalar* const out[kTokenBlock]) {
+  using Panel = Eigen::Matrix<Scalar, 1, W, Eigen::RowMajor, 1, kBlockPanel<Scalar>>;
+  using ConstMap = Eigen::Map<const Panel>;
+  const Panel v0 = ConstMap(b.v[0] + c0, width), v1 = ConstMap(b.v[1] + c0, width),
+              v2 = ConstMap(b.v[2] + c0, width), v3 = ConstMap(b.v[3] + c0, width);
+  Panel a0 = Panel::Zero(width), a1 = Panel::Zero(width), a2 = Panel::Zero(width),
+        a3 = Panel::Zero(width);
+  const Scalar *q0 = b.q[0], *q1 = b.q[1], *q2 = b.q[2], *q3 = b.q[3];
+  const Scalar *k0 = b.k[0], *k1 = b.k[1], *k2 = b.k[2], *k3 = b.k[3];
+  const Index F = kv.rows(), stride = kv.cols();
+  Scalar* row = kv.data() + c0;
+  for (Index f = 0; f < F; ++f, row += stride) {
+    Eigen::Map<Panel> r(row, width);
+    const Panel old = r;
+    a0 += q0[f] * old;
+    a1 += q1[f] * old;
+    a2 += q2[f] * old;
+    a3 += q3[f] * old;
+    if constexpr (Decays) {
+      r = b.g_state * old + k0[f] * v0 + k1[f] * v1 + k2[f] * v2 + k3[f] * v3;
+    } else {
+      r = old + k0[f] * v0 + k1[f] * v1 + k2[f] * v2 + k3[f] * v3;
+    }
+  }
+  // Token l sees the tokens before it in the block through s(l, j) only: a later token's
+  // value never meets a zero weight here (0 * Inf), as in the one-token kernel.
+  const auto& s = b.s;
+  // A division, not a product with 1 / den: den may be tiny where the map's features can
+  // be negative (identity), and 1 / den would overflow where the quotient does not.
+  Eigen::Map<Panel>(out[0] + c0, width) = (b.g_out[0] * a0 + s[0][0] * v0) / b.den[0];
+  Eigen::Map<Panel>(out[1] + c0, width) =
+      (b.g_out[1] * a1 + s[1][0] * v0 + s[1][1] * v1) / b.den[1];
+  Eigen::Map<Panel>(out[2] + c0, width) =
+      (b.g_out[2] * a2 + s[2][0] * v0 + s[2][1] * v1 + s[2][2] * v2) / b.den[2];
+  Eigen::Map<Panel>(out[3] + c0, width) =
+      (b.g_out[3] * a3 + s[3][0] * v0 + s[3][1] * v1 + s[3][2] * v2 + s[3][3] * v3) /
+      b.den[3];
+}
+
+/**
+ * Rows [0, L) of a pass where every row is a chunk of its own and nothing drops (token-level
+ * attention): causalToken's recurrence, kTokenBlock tokens per pass over the state. With S
+ * the state before the block, token l reads
+ *   a_l = (gamma^(l+1) q'_l S + sum_{j<=l} gamma^(l-j) (q'_l.k'_j) v_j) / den_l,
+ *   den_l = gamma^(l+1) q'_l z + sum_{j<=l} gamma^(l-j) q'_l.k'_j + eps,
+ * and the state becomes gamma^4 S + sum_l gamma^(3-l) k'_l^T v_l. The rows left over go
+ * through causalToken. `wk` is scratch for the weighted key rows.
+ */
+template <typename Scalar>
+void causalTokens(Scalar gamma, CausalHeadState<Scalar>& st, const ConstBlock<Scalar>& qf,
+                  const ConstBlock<Scalar>& kf, const ConstBlock<Scalar>& v, Matrix<Scalar>& wk,
+                  Block<Scalar> out) {
+  constexpr int B = kTokenBlock;
+  const Index L = qf.rows(), F = qf.cols(), dv = v.cols();
+  const bool decays = gamma != Scalar(1);
+  Scalar gpow[B + 1];
+  gpow[0] = Scalar(1);
+  for (int i = 1; i <= B; ++i) gpow[i] = gpow[i - 1] * gamma;
+  if (decays) wk.resize(B, F);
+  TokenBlock<Scalar> b;
+  b.g_state = gpow[B];
+  Scalar* rows_out[B];
+  Index t = 0;
+  for (; t + B <= L; t += B) {
+    for (Index a = t + kPrefetchRows; a < std::min(L, t + kPrefetchRows + B); ++a) {
+      prefetchRow(v.row(a).data(), dv);
+      prefetchRow(out.row(a).data(), dv);
+    }
+    for (int l = 0; l < B; ++l) {
+      b.q[l] = qf.row(t + l).data();
+      b.v[l] = v.row(t + l).data();
+      rows_out[l] = out.row(t + l).data();
+      if (decays) {
+        wk.row(l) = gpow[B - 1 - l] * kf.row(t + l);
+        b.k[l] = wk.row(l).data();
+      } else {
+        b.k[l] = kf.row(t + l).data();
+      }
+    }
+    for (int l = 0; l < B; ++l) {
+      Scalar den = gpow[l + 1] * qf.row(t + l).dot(st.z) + Scalar(kNormaliserEps);
+      for (int j = 0; j <= l; ++j) {
+        b.s[l][j] = gpow[l - j] * qf.row(t + l).dot(kf.row(t + j));
+        den += b.s[l][j];
+      }
+      b.g_out[l] = gpow[l + 1];
+      b.den[l] = den;
+    }
+    auto panels = [&](auto decays_tag) {
+      constexpr bool D = decltype(decays_tag)::value;
+      constexpr int W = kBlockPanel<Scalar>;
+      Index c0 = 0;
+      for (; c0 + W <= dv; c0 += W) {
+        causalTokenBlockPanel<D, W, Scalar>(b, st.kv, c0, W, rows_out);
+      }
+      if (c0 < dv) {
+        causalTokenBlockPanel<D, Eigen::Dynamic, Scalar>(b, st.kv, c0, dv - c0, rows_out);
+      }
+    };
+    if (decays) {
+      panels(std::true_type{});
+      st.z = gpow[B] * st.z + wk.colwise().sum().transpose();
+    } else {
+      panels(std::false_type{});
+      st.z += kf.middleRows(t, B).colwise().sum().transpose();
+    }
+  }
+  for (; t < L; ++t) {
+    causalToken<Scalar>(gamma, st, qf.row(t), kf.row(t), v.row(t), out.row(t));
+  }
+}
+
 /// Buffers of causalGroup, reused across the groups of one causalProcess call (a group is
 /// small, so allocating them per group would cost as much as its products).
 template <typename Scalar>
@@ -492,11 +632,11 @@ void causalProcess(const CausalParams& p, CausalHeadState<Scalar>& st,
   const Index L = qf.rows();
   const Index C = p.chunk;
   if (!p.drop && (L == 1 || C == 1)) {
-    // Every row a chunk of its own (a decode step, or token-level attention): row by row,
-    // which also keeps a non-finite value from reaching earlier rows (the group path's care).
-    for (Index t = 0; t < L; ++t) {
-      causalToken<Scalar>(Scalar(p.gamma), st, qf.row(t), kf.row(t), v.row(t), out.row(t));
-    }
+    // Every row a chunk of its own (a decode step, or token-level attention): the recurrence,
+    // a few tokens per pass over the state. Each token sums over its own past only, which
+    // also keeps a non-finite value from reaching earlier rows (the group path's care).
+    Matrix<Scalar> wk;
+    causalTokens<Scalar>(Scalar(p.gamma), st, qf, kf, v, wk, out);
     return;
   }
   Index r = 0;

@@ -1291,7 +1291,13 @@ class KernelAttention {
                                : ConstBlock(projected.block(p0, n0 * d, rows, heads * d));
     if constexpr (std::is_base_of_v<detail::ElementwiseFeatureMap<FeatureMap>, FeatureMap>) {
       if (!P) {
-        features = FeatureMap::template f<Scalar>(x.array() * s).matrix();
+        features.resize(rows, heads * d);
+        for (Index t = 0; t < rows; ++t) {
+          if (t + detail::kPrefetchRows < rows) {
+            detail::prefetchRow(x.row(t + detail::kPrefetchRows).data(), x.cols());
+          }
+          features.row(t) = FeatureMap::template f<Scalar>(x.row(t).array() * s).matrix();
+        }
         return;
       }
     }

@@ -349,9 +349,9 @@ struct TokenBlock {
 
 /// causalTokens' pass for one block over the state's columns [c0, c0 + width) (W =
 /// kBlockPanel, or Dynamic for the last, narrower panel): one load and one store of each
-/// state row for four tokens,
-/// where causalToken stores it four times (with its four loads and stores per row the
-/// one-token kernel is bound by the stores as much as by its multiply-adds).
+/// state row for four tokens, where causalToken stores it four times (with its four loads
+/// and stores per row the one-token kernel is bound by the stores as much as by its
+/// multiply-adds).
 template <bool Decays, int W, typename Scalar>
 void causalTokenBlockPanel(const TokenBlock<Scalar>& b, Matrix<Scalar>& kv, Index c0,
                            Index width, Scalar* const out[kTokenBlock]) {

@@ -447,14 +447,16 @@ TEST(Determinism, BidirectionalAcrossThreadCounts) {
 
 TEST(Determinism, CausalAcrossThreadCounts) {
   for (Index B : {1, 3})
-    for (int C : {1, 3}) {
+    for (int regime : {0, 1, 2}) {
+      const int C = regime == 2 ? 3 : 1;
       kattn::LayerConfig c = determinismConfig("exp");
       c.use_causal_windowed = true;
       c.causal_chunk_length = C;
-      // C = 1: a window shorter than the sequence (the sliding-window regime); C = 3: a
-      // window covering it, with decay (the grouped prefix regime), and right padding (5000
-      // and 2100 are not multiples of 3).
-      c.causal_window_length = C == 1 ? 8 : 4096;
+      // C = 1: a window shorter than the sequence (the sliding-window regime), and one
+      // covering it (the token-blocked prefix kernel); C = 3: a window covering it, with
+      // decay (the grouped prefix regime), and right padding (5000 and 2100 are not multiples
+      // of 3).
+      c.causal_window_length = regime == 0 ? 8 : 8192;
       if (C == 3) {
         c.causal_window_decay = 0.97;
         c.causal_padding = "right";

@@ -250,10 +250,25 @@ inline Index groupRows(Index chunk) {
   return chunk >= target ? chunk : chunk * ((target + chunk - 1) / chunk);
 }
 
-/// Columns of the state that causalToken carries through one pass over its rows: four 512-bit
-/// registers' worth, so that the panel's readout stays in registers.
+/// Scalars in one SIMD register (Eigen's packet) and the vector registers the target has
+/// (16 with AVX2, 32 with AVX-512): the register-blocked token kernels below size their
+/// panels by them, so that a panel's sums stay in registers on either. Panels sized for
+/// AVX-512 spill on AVX2: on a 2-core AVX2 machine (Zen 3) sizing them by the registers took
+/// the one-token decode step (kattn_bench W5/recurrent) from 6.6 to 5.1-5.5 microseconds and
+/// W3/16384 on one thread from 118 to 99 ms (min of 3 alternating runs).
 template <typename Scalar>
-inline constexpr int kTokenPanel = int(256 / sizeof(Scalar));
+inline constexpr int kPacket = Eigen::internal::packet_traits<Scalar>::size;
+#ifdef EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS
+inline constexpr int kVectorRegisters = EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS;
+#else
+inline constexpr int kVectorRegisters = 16;
+#endif
+
+/// Columns of the state that causalToken carries through one pass over its rows: four
+/// registers' worth, so that the panel's two readout sums and its values (12 registers) stay
+/// in registers.
+template <typename Scalar>
+inline constexpr int kTokenPanel = 4 * kPacket<Scalar>;
 
 /// causalToken on the state's columns [c0, c0 + width) (W = kTokenPanel, or Dynamic for the
 /// last, narrower panel). Rows go in pairs with a readout sum each: the two sums' additions do
@@ -327,11 +342,12 @@ void causalToken(Scalar gamma, CausalHeadState<Scalar>& st, const ConstBlock<Sca
 }
 
 /// Tokens that causalTokens takes through one pass over the state, and the state's columns it
-/// carries per pass: 128 bytes (two 512-bit registers), so that the block's readout sums, its
-/// value panels and a state row (8 + 8 + 2 registers) all stay in registers.
+/// carries per pass: the block's four readout sums, its four value panels and a state row
+/// (9 panels) must stay in registers: two registers a panel with 32 of them (18 registers),
+/// one with 16.
 inline constexpr int kTokenBlock = 4;
 template <typename Scalar>
-inline constexpr int kBlockPanel = int(128 / sizeof(Scalar));
+inline constexpr int kBlockPanel = (kVectorRegisters >= 32 ? 2 : 1) * kPacket<Scalar>;
 
 /// What causalTokenBlockPanel needs of a block of kTokenBlock tokens, l = 0 .. 3: rows of
 /// q' and of k' weighted by gamma^(3 - l); intra-block weights s(l, j) = gamma^(l - j) q'_l.k'_j

@@ -29,7 +29,10 @@ cases=${2:-${KATTN_CASES_DIR:-$repo/../shared/cases}}
 build=${KATTN_FUZZ_BUILD_DIR:-$repo/build-fuzz}
 cxx=${CXX:-clang++}
 
-cmake -S "$fuzz_dir" -B "$build" -DCMAKE_CXX_COMPILER="$cxx" -DCMAKE_BUILD_TYPE=RelWithDebInfo
+# -O1: fuzz_forward (the layers for every map) compiles in 196 s at -O1 against 247 s at
+# -O2 -g on a 2-core machine, and CI builds it on every submission.
+cmake -S "$fuzz_dir" -B "$build" -DCMAKE_CXX_COMPILER="$cxx" -DCMAKE_BUILD_TYPE=None \
+      "-DCMAKE_CXX_FLAGS=-O1 -DNDEBUG"
 cmake --build "$build" -j "${KATTN_FUZZ_JOBS:-2}"
 
 status=0

@@ -15,9 +15,7 @@ function(step)
   endif()
 endfunction()
 
-# Unoptimised: this checks how the package is found and linked, and -O0 builds the consumer
-# (one layer instantiated, twice) in a fraction of a Release build's time.
-set(common -DCMAKE_CXX_COMPILER=${CXX} -DCMAKE_BUILD_TYPE=None)
+set(common -DCMAKE_CXX_COMPILER=${CXX} -DCMAKE_BUILD_TYPE=Release)
 step(${CMAKE_COMMAND} -S ${KATTN_SOURCE_DIR} -B ${WORK_DIR}/kattn-build ${common}
      -DKATTN_BUILD_TESTS=OFF -DKATTN_BUILD_BENCHMARKS=OFF -DKATTN_BUILD_EXAMPLES=OFF
      -DKATTN_INSTALL=ON -DCMAKE_INSTALL_PREFIX=${WORK_DIR}/prefix)

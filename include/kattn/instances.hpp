@@ -1,7 +1,7 @@
 #pragma once
 /// \file
 /// The explicit instantiations that KATTN_EXTERN_TEMPLATES (layer.hpp, any_layer.hpp) declares
-/// extern: the forward pass of every built-in layer and the run-time layer's factory. Include
+/// extern: the heavy members of every built-in layer and the run-time layer's factory. Include
 /// it in one translation unit of a program built with that macro; or define KATTN_INSTANCE
 /// to 0, 1, 2 or 3 in four translation units (float/double x bidirectional/causal), which
 /// take similar times and build in parallel.
@@ -12,9 +12,9 @@
 
 namespace kattn {
 
-#define KATTN_DEFINE_LAYER_RUN(S, M, K) KATTN_LAYER_RUN(, S, M, K)
+#define KATTN_DEFINE_LAYER(S, M, K) KATTN_LAYER_INSTANCE(, S, M, K)
 #define KATTN_DEFINE_INSTANCES(S, K)                                                  \
-  KATTN_FOR_EACH_BUILTIN_MAP(KATTN_DEFINE_LAYER_RUN, S, K)                            \
+  KATTN_FOR_EACH_BUILTIN_MAP(KATTN_DEFINE_LAYER, S, K)                                \
   template std::unique_ptr<detail::AnyLayerBase<S>> detail::makeAnyLayer<S, K>(        \
       const LayerConfig&);
 
@@ -32,6 +32,6 @@ KATTN_DEFINE_INSTANCES(double, CausalWindowed)
 #endif
 
 #undef KATTN_DEFINE_INSTANCES
-#undef KATTN_DEFINE_LAYER_RUN
+#undef KATTN_DEFINE_LAYER
 
 }  // namespace kattn

@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# Builds kattn's libFuzzer targets with clang and runs each for DURATION seconds.
+# Builds kattn's libFuzzer targets with clang and runs each for DURATION seconds, all at once
+# (each is one process; its log goes to $BUILD/logs/<target>.log, whose final statistics are
+# printed at the end, and the whole of it when the fuzzer fails).
 #
 #   fuzz/run.sh DURATION [CASES_DIR]
+#   fuzz/run.sh --build-only           builds the targets only
+#   fuzz/run.sh --no-build DURATION [CASES_DIR]
+#                                      runs the targets an earlier --build-only built
 #
 # CASES_DIR (default: $KATTN_CASES_DIR, else ../shared/cases beside the repository) holds
 # the golden *.safetensors files used as seeds, together with the committed regression
@@ -19,11 +24,19 @@
 # "-O1 -DNDEBUG"; "-O2 -DNDEBUG" fuzzes faster once built).
 set -euo pipefail
 
-if [[ $# -lt 1 || $# -gt 2 || ! $1 =~ ^[0-9]+$ ]]; then
-  echo "usage: $0 DURATION_SECONDS [CASES_DIR]" >&2
+usage() {
+  echo "usage: $0 [--no-build] DURATION_SECONDS [CASES_DIR] | $0 --build-only" >&2
   exit 2
+}
+build_step=1 run_step=1
+case ${1:-} in
+  --build-only) run_step=0; shift; [[ $# -eq 0 ]] || usage ;;
+  --no-build) build_step=0; shift ;;
+esac
+if [[ $run_step -eq 1 ]] && [[ $# -lt 1 || $# -gt 2 || ! $1 =~ ^[0-9]+$ ]]; then
+  usage
 fi
-duration=$1
+duration=${1:-0}
 fuzz_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(dirname "$fuzz_dir")
 cases=${2:-${KATTN_CASES_DIR:-$repo/../shared/cases}}
@@ -33,11 +46,15 @@ cxx=${CXX:-clang++}
 # -O1 by default, for CI, which builds the fuzzers on every submission and runs each for 20 s:
 # fuzz_forward (the layers for every map) compiles in 196 s at -O1 against 247 s at -O2 -g on
 # a 2-core machine, for 17-30% fewer executions per second. Long runs: KATTN_FUZZ_CXXFLAGS.
-cmake -S "$fuzz_dir" -B "$build" -DCMAKE_CXX_COMPILER="$cxx" -DCMAKE_BUILD_TYPE=None \
-      "-DCMAKE_CXX_FLAGS=${KATTN_FUZZ_CXXFLAGS:--O1 -DNDEBUG}"
-cmake --build "$build" -j "${KATTN_FUZZ_JOBS:-2}"
+if [[ $build_step -eq 1 ]]; then
+  cmake -S "$fuzz_dir" -B "$build" -DCMAKE_CXX_COMPILER="$cxx" -DCMAKE_BUILD_TYPE=None \
+        "-DCMAKE_CXX_FLAGS=${KATTN_FUZZ_CXXFLAGS:--O1 -DNDEBUG}"
+  cmake --build "$build" -j "${KATTN_FUZZ_JOBS:-2}"
+fi
+[[ $run_step -eq 1 ]] || exit 0
 
-status=0
+mkdir -p "$build/logs"
+pids=() targets=()
 for src in "$fuzz_dir"/fuzz_*.cpp; do
   target=$(basename "$src" .cpp)
   topic=${target#fuzz_}
@@ -69,12 +86,25 @@ for p in pathlib.Path(sys.argv[1]).glob("*.json"):
   dict=()
   [[ -f $fuzz_dir/$topic.dict ]] && dict=(-dict="$fuzz_dir/$topic.dict")
 
-  echo "== $target for ${duration}s, corpus $work"
+  echo "== $target for ${duration}s, corpus $work, log $build/logs/$target.log"
   # shellcheck disable=SC2086
-  if ! "$binary" "$work" "${dict[@]}" -max_total_time="$duration" -timeout=10 \
-        -max_len="${KATTN_FUZZ_MAX_LEN:-65536}" -rss_limit_mb=2048 -print_final_stats=1 \
-        -artifact_prefix="$build/artifacts/$target-" ${KATTN_FUZZ_ARGS:-}; then
-    echo "run.sh: $target FAILED; reproducers in $build/artifacts/" >&2
+  "$binary" "$work" "${dict[@]}" -max_total_time="$duration" -timeout=10 \
+      -max_len="${KATTN_FUZZ_MAX_LEN:-65536}" -rss_limit_mb=2048 -print_final_stats=1 \
+      -artifact_prefix="$build/artifacts/$target-" ${KATTN_FUZZ_ARGS:-} \
+      > "$build/logs/$target.log" 2>&1 &
+  pids+=($!)
+  targets+=("$target")
+done
+
+status=0
+for i in "${!pids[@]}"; do
+  target=${targets[$i]}
+  if wait "${pids[$i]}"; then
+    echo "== $target: no finding"
+    grep -E '^(Done|stat::)' "$build/logs/$target.log" || true
+  else
+    echo "run.sh: $target FAILED; reproducers in $build/artifacts/; its log:" >&2
+    cat "$build/logs/$target.log" >&2
     status=1
   fi
 done

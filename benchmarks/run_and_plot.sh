@@ -10,8 +10,9 @@
 #   e.g. --benchmark_min_time=1 for steadier numbers (default 0.5 s per benchmark; the suite
 #   then takes about 5 minutes on 2 cores on an AVX-512 machine, 9 on an AVX2 one), or
 #   --benchmark_repetitions=3 --benchmark_enable_random_interleaving=true to run every
-#   benchmark three times in random order and report the fastest (the recorded runs since
-#   2026-11-29). A --benchmark_filter leaves the targets it skips as "not measured".
+#   benchmark three times in random order and report the fastest (on a noisy machine, with
+#   long repetitions: see benchmarks/README.md). A --benchmark_filter leaves the targets it
+#   skips as "not measured".
 # Environment:
 #   KATTN_BENCH_BUILD_DIR  build directory (default build-bench), configured as Release
 #   KATTN_BENCH_JOBS       build parallelism (default: number of cores)

@@ -925,6 +925,55 @@ TYPED_TEST(CausalTest, LargeExpLogitsInFloat32StayFinite) {
   }
 }
 
+/// The exp maps' shift (SPEC 2: the largest logit of the batch row, over its positions, heads
+/// and features) as a streaming state keeps it: after one call long enough to run on the
+/// layer's pool and to span many of the layer's pieces of rows for the largest logit, k_sum
+/// is the reference's key features summed over the call. One head's last keys have the
+/// largest logits: a shift taken over some heads or rows only would scale k_sum by the
+/// exponential of the difference.
+TEST(CausalExpShift, StreamingKeySumUsesLargestLogitOfEveryHeadAndRow) {
+  constexpr Index T = 2000, N = 3, d = 4, dv = 2;
+  kattn::LayerConfig cfg;
+  cfg.num_heads = int(N);
+  cfg.key_dim = int(d);
+  cfg.value_dim = int(dv);
+  cfg.feature_transform = "exp";
+  cfg.num_random_features = 8;
+  cfg.use_causal_windowed = true;
+  cfg.causal_chunk_length = 1;
+  cfg.causal_window_length = 4096;
+  cfg.seed = 11;
+  kattn::KernelAttention<double, kattn::Exp, kattn::CausalWindowed> layer(cfg);
+  layer.setThreads(2);
+  Rng r(5);
+  kattn::Tensor<double, 4> q(1, T, N, d), k(1, T, N, d), v(1, T, N, dv);
+  for (auto* t : {&q, &k, &v})
+    for (Index i = 0; i < t->size(); ++i) t->data()[i] = r.uniform(-1.0, 1.0);
+  for (Index t = T - 37; t < T; ++t)
+    for (Index j = 0; j < d; ++j) k(0, t, 1, j) *= 3.0;
+  auto state = layer.makeState(1, kattn::StreamingMode::Recurrent);
+  (void)layer.attend(q, k, v, std::nullopt, state);
+  // The layer scales queries and keys by sqrt(scale), scale = 1 / sqrt(d) by default.
+  const double rs = std::pow(double(d), -0.25);
+  kattn_ref::Heads keys(1, T, N, d);
+  for (Index t = 0; t < T; ++t)
+    for (Index n = 0; n < N; ++n)
+      for (Index j = 0; j < d; ++j) keys.at(0, t, n, j) = rs * k(0, t, n, j);
+  const kattn_ref::Heads phi =
+      kattn_ref::featureMap("exp", keys, kattn_test::projectionOf(layer.projection()));
+  const kattn::Tensor<double, 3> got = state.kSum();
+  double err = 0, scale = 0;
+  for (Index n = 0; n < N; ++n)
+    for (Index f = 0; f < phi.H; ++f) {
+      double want = 0;
+      for (Index t = 0; t < T; ++t) want += phi.at(0, t, n, f);
+      err = std::max(err, std::abs(got(0, n, f) - want));
+      scale = std::max(scale, std::abs(want));
+    }
+  EXPECT_GT(scale, 0.0);
+  EXPECT_LE(err / scale, 1e-10);
+}
+
 TEST(CausalExpPlus, WholePassRunsAndIsFinite) {
   for (int seed = 0; seed < 12; ++seed) {
     Rng r(std::uint64_t(seed) + 31);

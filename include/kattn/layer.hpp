@@ -710,9 +710,7 @@ class KernelAttention {
     const Index d = m_key_dim, F = featureDim(d, P), L = x.rows();
     const Scalar lowest = -std::numeric_limits<Scalar>::infinity();
     if (L == 0 || F == 0) return lowest;
-    std::vector<Scalar> head_max(static_cast<std::size_t>(m_heads), lowest);
-    forEach(m_heads, pool, [&](Index n) {
-      Mat z(std::min(L, kLogitRows), F);
+    auto headMax = [&](Index n, Mat& z) {
       Scalar M = lowest;
       for (Index r0 = 0; r0 < L; r0 += kLogitRows) {
         const Index len = std::min(kLogitRows, L - r0);
@@ -720,9 +718,20 @@ class KernelAttention {
                    Blk(z.topRows(len)));
         M = std::max(M, z.topRows(len).maxCoeff());
       }
-      head_max[static_cast<std::size_t>(n)] = M;
-    });
+      return M;
+    };
     Scalar M = lowest;
+    if (!pool) {
+      // One buffer for every head: a streaming decode step of an exp map comes here.
+      Mat z(std::min(L, kLogitRows), F);
+      for (Index n = 0; n < m_heads; ++n) M = std::max(M, headMax(n, z));
+      return M;
+    }
+    std::vector<Scalar> head_max(static_cast<std::size_t>(m_heads), lowest);
+    forEach(m_heads, pool, [&](Index n) {
+      Mat z(std::min(L, kLogitRows), F);
+      head_max[static_cast<std::size_t>(n)] = headMax(n, z);
+    });
     for (Scalar m : head_max) M = std::max(M, m);
     return M;
   }

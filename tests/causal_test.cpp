@@ -674,9 +674,10 @@ TYPED_TEST(CausalTest, LongSequencesAcrossInternalBlocks) {
 }
 
 /// One-token calls go to their own kernel (detail::causalToken), which walks the state's
-/// columns in panels of 256 bytes (64 floats, 32 doubles) and a narrower last panel: values
-/// 70 wide take both kinds, with and without decay, in both streaming modes. The whole pass
-/// (chunks of one row: the same kernel, row by row) is held to the reference.
+/// columns in panels of four SIMD registers (16, 32 or 64 floats with SSE, AVX2 or AVX-512)
+/// and a narrower last panel: values 70 wide take both kinds, with and without decay, in both
+/// streaming modes. The whole pass (chunks of one row: four tokens a pass, causalTokens) is
+/// held to the reference.
 TYPED_TEST(CausalTest, OneTokenCallsWithWideValuesMatchWholePass) {
   using Layer = typename TestFixture::Layer;
   using Scalar = typename TestFixture::Scalar;

@@ -250,19 +250,14 @@ inline Index groupRows(Index chunk) {
   return chunk >= target ? chunk : chunk * ((target + chunk - 1) / chunk);
 }
 
-/// Scalars in one SIMD register (Eigen's packet) and the vector registers the target has
-/// (16 with AVX2, 32 with AVX-512): the register-blocked token kernels below size their
-/// panels by them, so that a panel's sums stay in registers on either. Panels sized for
-/// AVX-512 spill on AVX2: on a 2-core AVX2 machine (Zen 3) sizing them by the registers took
-/// the one-token decode step (kattn_bench W5/recurrent) from 6.6 to 5.1-5.5 microseconds and
-/// W3/16384 on one thread from 118 to 99 ms (min of 3 alternating runs).
+/// Scalars in one SIMD register (Eigen's packet): the register-blocked token kernels below
+/// size their panels by it, so that a panel's sums and values fit the 16 vector registers of
+/// SSE and AVX2 (panels sized for AVX-512's 32 spilled on AVX2: on a 2-core Zen 3, sizing
+/// them by the registers took the one-token decode step, kattn_bench W5/recurrent, from 6.6
+/// to 5.1-5.5 microseconds and W3/16384 on one thread from 118 to 99 ms, min of 3 alternating
+/// runs).
 template <typename Scalar>
 inline constexpr int kPacket = Eigen::internal::packet_traits<Scalar>::size;
-#ifdef EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS
-inline constexpr int kVectorRegisters = EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS;
-#else
-inline constexpr int kVectorRegisters = 16;
-#endif
 
 /// Columns of the state that causalToken carries through one pass over its rows: four
 /// registers' worth, so that the panel's two readout sums and its values (12 registers) stay
@@ -404,13 +399,10 @@ void causalToken(Scalar gamma, CausalHeadState<Scalar>& st, const ConstBlock<Sca
   st.z = gamma * st.z + kf.row(0).transpose();
 }
 
-/// Tokens that causalTokens takes through one pass over the state, and the state's columns it
-/// carries per pass: the block's four readout sums, its four value panels and a state row
-/// (9 panels) must stay in registers: two registers a panel with 32 of them (18 registers),
-/// one with 16.
+/// Tokens that causalTokens takes through one pass over the state: the block's four readout
+/// sums, its four values and a state row (9 packets) stay in registers for one packet of the
+/// state's columns.
 inline constexpr int kTokenBlock = 4;
-template <typename Scalar>
-inline constexpr int kBlockPanel = (kVectorRegisters >= 32 ? 2 : 1) * kPacket<Scalar>;
 
 /// What causalTokenBlockPanel needs of a block of kTokenBlock tokens, l = 0 .. 3: rows of
 /// q' and of k' weighted by gamma^(3 - l); intra-block weights s(l, j) = gamma^(l - j) q'_l.k'_j
@@ -426,42 +418,81 @@ struct TokenBlock {
   Scalar g_state;
 };
 
-/// causalTokens' pass for one block over the state's columns [c0, c0 + width) (W =
-/// kBlockPanel, or Dynamic for the last, narrower panel): one load and one store of each
-/// state row for four tokens, where causalToken stores it four times (with its four loads
-/// and stores per row the one-token kernel is bound by the stores as much as by its
-/// multiply-adds).
-template <bool Decays, int W, typename Scalar>
+/**
+ * causalTokens' pass for one block over one packet of the state's columns, [c0, c0 +
+ * kPacket): one load and one store of each state row for four tokens, where causalToken
+ * stores it four times (with its four loads and stores per row the one-token kernel is bound
+ * by the stores as much as by its multiply-adds). Eigen's packet functions, one variable per
+ * register, as causalTokenPanel; the new row sums its four key terms in two halves, so that
+ * its store waits for three multiply-adds in a row, not four (kattn_bench W3 at T = 4096 and
+ * 16384 on one and two threads, medians of 5 alternating runs against fixed-size Eigen row
+ * vectors on a 2-core Zen 3: 0.84-1.00 of the old time, W3/16384 on two threads 62.5 -> 52.2
+ * ms).
+ */
+template <bool Decays, typename Scalar>
 void causalTokenBlockPanel(const TokenBlock<Scalar>& b, Matrix<Scalar>& kv, Index c0,
-                           Index width, Scalar* const out[kTokenBlock]) {
-  using Panel = Eigen::Matrix<Scalar, 1, W, Eigen::RowMajor, 1, kBlockPanel<Scalar>>;
-  using ConstMap = Eigen::Map<const Panel>;
-  const Panel v0 = ConstMap(b.v[0] + c0, width), v1 = ConstMap(b.v[1] + c0, width),
-              v2 = ConstMap(b.v[2] + c0, width), v3 = ConstMap(b.v[3] + c0, width);
-  Panel a0 = Panel::Zero(width), a1 = Panel::Zero(width), a2 = Panel::Zero(width),
-        a3 = Panel::Zero(width);
+                           Scalar* const out[kTokenBlock]) {
+  using namespace Eigen::internal;
+  using Packet = typename packet_traits<Scalar>::type;
+  auto splat = [](Scalar x) { return pset1<Packet>(x); };
+  const Packet v0 = ploadu<Packet>(b.v[0] + c0), v1 = ploadu<Packet>(b.v[1] + c0),
+               v2 = ploadu<Packet>(b.v[2] + c0), v3 = ploadu<Packet>(b.v[3] + c0);
+  const Packet zero = splat(Scalar(0)), g_state = splat(b.g_state);
+  Packet a0 = zero, a1 = zero, a2 = zero, a3 = zero;
   const Scalar *q0 = b.q[0], *q1 = b.q[1], *q2 = b.q[2], *q3 = b.q[3];
   const Scalar *k0 = b.k[0], *k1 = b.k[1], *k2 = b.k[2], *k3 = b.k[3];
   const Index F = kv.rows(), stride = kv.cols();
   Scalar* row = kv.data() + c0;
   for (Index f = 0; f < F; ++f, row += stride) {
-    Eigen::Map<Panel> r(row, width);
-    const Panel old = r;
-    a0 += q0[f] * old;
-    a1 += q1[f] * old;
-    a2 += q2[f] * old;
-    a3 += q3[f] * old;
-    if constexpr (Decays) {
-      r = b.g_state * old + k0[f] * v0 + k1[f] * v1 + k2[f] * v2 + k3[f] * v3;
-    } else {
-      r = old + k0[f] * v0 + k1[f] * v1 + k2[f] * v2 + k3[f] * v3;
-    }
+    const Packet old = ploadu<Packet>(row);
+    a0 = pmadd(splat(q0[f]), old, a0);
+    a1 = pmadd(splat(q1[f]), old, a1);
+    a2 = pmadd(splat(q2[f]), old, a2);
+    a3 = pmadd(splat(q3[f]), old, a3);
+    const Packet kept = Decays ? pmul(g_state, old) : old;
+    const Packet first = pmadd(splat(k1[f]), v1, pmadd(splat(k0[f]), v0, kept));
+    const Packet second = pmadd(splat(k3[f]), v3, pmul(splat(k2[f]), v2));
+    pstoreu(row, padd(first, second));
   }
   // Token l sees the tokens before it in the block through s(l, j) only: a later token's
   // value never meets a zero weight here (0 * Inf), as in the one-token kernel.
   const auto& s = b.s;
   // A division, not a product with 1 / den: den may be tiny where the map's features can
   // be negative (identity), and 1 / den would overflow where the quotient does not.
+  auto emit = [&](int l, const Packet& a, const Packet& own) {
+    pstoreu(out[l] + c0, pdiv(pmadd(splat(b.g_out[l]), a, own), splat(b.den[l])));
+  };
+  emit(0, a0, pmul(splat(s[0][0]), v0));
+  emit(1, a1, pmadd(splat(s[1][1]), v1, pmul(splat(s[1][0]), v0)));
+  emit(2, a2, pmadd(splat(s[2][2]), v2, pmadd(splat(s[2][1]), v1, pmul(splat(s[2][0]), v0))));
+  emit(3, a3,
+       pmadd(splat(s[3][3]), v3,
+             pmadd(splat(s[3][2]), v2, pmadd(splat(s[3][1]), v1, pmul(splat(s[3][0]), v0)))));
+}
+
+/// causalTokenBlockPanel on the last columns [c0, d_v) when they are fewer than a packet.
+template <bool Decays, typename Scalar>
+void causalTokenBlockTail(const TokenBlock<Scalar>& b, Matrix<Scalar>& kv, Index c0,
+                          Scalar* const out[kTokenBlock]) {
+  using Panel = Eigen::Matrix<Scalar, 1, Eigen::Dynamic, Eigen::RowMajor, 1, kPacket<Scalar>>;
+  using ConstMap = Eigen::Map<const Panel>;
+  const Index F = kv.rows(), stride = kv.cols(), width = stride - c0;
+  const Panel v0 = ConstMap(b.v[0] + c0, width), v1 = ConstMap(b.v[1] + c0, width),
+              v2 = ConstMap(b.v[2] + c0, width), v3 = ConstMap(b.v[3] + c0, width);
+  Panel a0 = Panel::Zero(width), a1 = Panel::Zero(width), a2 = Panel::Zero(width),
+        a3 = Panel::Zero(width);
+  Scalar* row = kv.data() + c0;
+  for (Index f = 0; f < F; ++f, row += stride) {
+    Eigen::Map<Panel> r(row, width);
+    const Panel old = r;
+    a0 += b.q[0][f] * old;
+    a1 += b.q[1][f] * old;
+    a2 += b.q[2][f] * old;
+    a3 += b.q[3][f] * old;
+    r = (Decays ? b.g_state : Scalar(1)) * old + b.k[0][f] * v0 + b.k[1][f] * v1 +
+        b.k[2][f] * v2 + b.k[3][f] * v3;
+  }
+  const auto& s = b.s;
   Eigen::Map<Panel>(out[0] + c0, width) = (b.g_out[0] * a0 + s[0][0] * v0) / b.den[0];
   Eigen::Map<Panel>(out[1] + c0, width) =
       (b.g_out[1] * a1 + s[1][0] * v0 + s[1][1] * v1) / b.den[1];
@@ -523,14 +554,10 @@ void causalTokens(Scalar gamma, CausalHeadState<Scalar>& st, const ConstBlock<Sc
     }
     auto panels = [&](auto decays_tag) {
       constexpr bool D = decltype(decays_tag)::value;
-      constexpr int W = kBlockPanel<Scalar>;
+      constexpr int W = kPacket<Scalar>;
       Index c0 = 0;
-      for (; c0 + W <= dv; c0 += W) {
-        causalTokenBlockPanel<D, W, Scalar>(b, st.kv, c0, W, rows_out);
-      }
-      if (c0 < dv) {
-        causalTokenBlockPanel<D, Eigen::Dynamic, Scalar>(b, st.kv, c0, dv - c0, rows_out);
-      }
+      for (; c0 + W <= dv; c0 += W) causalTokenBlockPanel<D, Scalar>(b, st.kv, c0, rows_out);
+      if (c0 < dv) causalTokenBlockTail<D, Scalar>(b, st.kv, c0, rows_out);
     };
     if (decays) {
       panels(std::true_type{});

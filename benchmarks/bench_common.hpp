@@ -147,5 +147,6 @@ void registerBidirectional();
 void registerCausal();
 void registerLayer();
 void registerMemory();
+void registerFloor();
 
 }  // namespace kattn_bench

@@ -522,7 +522,7 @@ void causalTokens(Scalar gamma, CausalHeadState<Scalar>& st, const ConstBlock<Sc
   Scalar gpow[B + 1];
   gpow[0] = Scalar(1);
   for (int i = 1; i <= B; ++i) gpow[i] = gpow[i - 1] * gamma;
-  if (decays) wk.resize(B, F);
+  if (decays && L >= B) wk.resize(B, F);  // not for a decode step: it takes causalToken alone
   TokenBlock<Scalar> b;
   b.g_state = gpow[B];
   Scalar* rows_out[B];
@@ -751,8 +751,8 @@ void causalProcess(const CausalParams& p, CausalHeadState<Scalar>& st,
   while (r < L) {
     if (p.drop) {
       const Index len = std::min(L - r, (r == 0 ? C - lead : C));
-      causalDropChunk<Scalar>(p, st, qf.middleRows(r, len), kf.middleRows(r, len), v.middleRows(r, len),
-                      out.middleRows(r, len));
+      causalDropChunk<Scalar>(p, st, qf.middleRows(r, len), kf.middleRows(r, len),
+                              v.middleRows(r, len), out.middleRows(r, len));
       r += len;
       continue;
     }

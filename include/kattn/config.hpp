@@ -12,6 +12,22 @@
 
 namespace kattn {
 
+namespace detail {
+
+/// Throws std::invalid_argument, naming `what`, for the one seed the reference cannot use: it
+/// draws from `tf.constant([seed, seed + 1])` (int32 when both fit, otherwise int64, the same
+/// stream as TF sign-extends int32 seeds), so every seed but INT64_MAX works.
+inline void checkReferenceSeed(const char* what, std::int64_t seed) {
+  if (seed == std::numeric_limits<std::int64_t>::max()) {
+    throw std::invalid_argument(std::string(what) +
+                                ": the reference draws from the pair [seed, seed + 1], so seed "
+                                "must be below 9223372036854775807, got " +
+                                std::to_string(seed));
+  }
+}
+
+}  // namespace detail
+
 /// Where the causal windowed pass pads a sequence whose length is not a multiple of the chunk.
 enum class Padding { None, Left, Right };
 
@@ -145,13 +161,7 @@ struct LayerConfig {
       fail("redraw: num_random_features is " + std::to_string(num_random_features) +
            " (no projection), so there is nothing to redraw");
     }
-    // The reference builds its seed pair as tf.constant([seed, seed + 1]): any seed whose
-    // successor is representable works (int32 pairs when both fit, int64 otherwise).
-    if (seed == std::numeric_limits<std::int64_t>::max()) {
-      fail("seed: the reference draws from the pair [seed, seed + 1], so seed must be below " +
-           std::to_string(std::numeric_limits<std::int64_t>::max()) + ", got " +
-           std::to_string(seed));
-    }
+    detail::checkReferenceSeed("seed", seed);
     if (begin_kernel < 0) fail("begin_kernel: expected >= 0, got " + std::to_string(begin_kernel));
     if (scale && !std::isfinite(*scale)) fail("scale: expected a finite number");
     if (use_causal_windowed && is_short_seq) {

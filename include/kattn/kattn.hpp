@@ -10,5 +10,8 @@
 #include "projection.hpp"
 #include "masking.hpp"
 #include "streaming.hpp"
+#include "weights.hpp"
 #include "layer.hpp"
+#include "key_summary.hpp"
+#include "core.hpp"
 #include "any_layer.hpp"

@@ -1,8 +1,11 @@
 #pragma once
 /// \file
-/// Masking policies: which keys a query attends to. They know nothing of feature maps.
+/// Masking policies: which keys a query attends to, and the core that computes attention under
+/// that masking. They know nothing of feature maps: a policy's core is a template on one.
 ///
-/// A policy has `static constexpr bool causal` and `static Policy fromConfig(const LayerConfig&)`.
+/// A policy has `static constexpr bool causal`, `static Policy fromConfig(const LayerConfig&)`
+/// and `template <class Scalar, class FeatureMap> using Core`, the type whose static members
+/// run its path (detail/bidirectional_core.hpp, detail/causal_core.hpp).
 
 #include <cmath>
 #include <optional>
@@ -14,10 +17,32 @@
 
 namespace kattn {
 
-/// Every query attends to every (unpadded) key: SPEC 3.1 and 3.2.
+namespace detail {
+template <typename Scalar, typename FeatureMap>
+struct BidirectionalCore;
+template <typename Scalar, typename FeatureMap>
+struct CausalCore;
+}  // namespace detail
+
+/// How the bidirectional kernel path (SPEC 3.2) is computed: through the explicit T x S
+/// matrix, the low-rank state, or whichever a cost model says is cheaper (Auto).
+enum class CoreForm { Auto, Explicit, LowRank };
+
+/**
+ * \brief Every query attends to every (unpadded) key: SPEC 3.1 and 3.2.
+ *
+ * Its core (detail/bidirectional_core.hpp) computes attention per batch row in the low-rank
+ * form a_t = q'_t KV / (q'_t z + eps), streamed over blocks of keys, then of queries; or, for
+ * short sequences where the cost model finds it cheaper (CoreForm), through the explicit
+ * T x S matrix; or, with is_short_seq, by the softmax over kernel scores. The key-side
+ * summary (KV, z) is public: summarizeKeys, combine and readout (core.hpp).
+ */
 struct Bidirectional {
   static constexpr bool causal = false;
   static constexpr const char* name = "bidirectional";
+  /// The core that computes this masking's attention.
+  template <typename Scalar, typename FeatureMap>
+  using Core = detail::BidirectionalCore<Scalar, FeatureMap>;
 
   /// Throws unless the config asks for a bidirectional layer.
   static Bidirectional fromConfig(const LayerConfig& config) {
@@ -36,10 +61,18 @@ struct Bidirectional {
  * weighted by decay^j (1 with no decay).
  *
  * chunk = 1 and window >= number of chunks give token-level causal attention.
+ *
+ * Its core (detail/causal_core.hpp) feeds each head's rows, block by block, to a state of
+ * chunk sums (detail/causal_state.hpp): S_c = sum_{j<W} gamma^j KV_{c-j}, in a fixed window
+ * when W covers the sequence, else a sliding one. The same state, carried across calls, is a
+ * StreamingState (streaming.hpp): a causal call takes a state in and leaves the state out.
  */
 struct CausalWindowed {
   static constexpr bool causal = true;
   static constexpr const char* name = "causal_windowed";
+  /// The core that computes this masking's attention.
+  template <typename Scalar, typename FeatureMap>
+  using Core = detail::CausalCore<Scalar, FeatureMap>;
 
   Index chunk = 1;               ///< C >= 1
   Index window = 3;              ///< W >= 1, in chunks

@@ -19,6 +19,23 @@
 
 namespace kattn {
 
+namespace detail {
+
+/// An atomic that copies its value: copies of a layer start from the same state (its weights'
+/// flag, its training-call count).
+template <typename T>
+struct CopyableAtomic {
+  std::atomic<T> value{};
+  CopyableAtomic() = default;
+  CopyableAtomic(const CopyableAtomic& o) : value(o.value.load()) {}
+  CopyableAtomic& operator=(const CopyableAtomic& o) {
+    value = o.value.load();
+    return *this;
+  }
+};
+
+}  // namespace detail
+
 /**
  * \brief A fixed set of threads for kattn's parallel loops.
  *

@@ -21,6 +21,7 @@
 #include <Eigen/Core>
 #include <Eigen/QR>
 
+#include "kattn/config.hpp"
 #include "kattn/random/philox.hpp"
 #include "kattn/tensor.hpp"
 
@@ -82,15 +83,7 @@ inline ProjectionDraws drawProjectionNormals(Index m, Index d, const random::See
 /// Private: checks the seed of randomProjection / redrawProjection and forms the reference's
 /// seed tensor `[seed, seed + 1]`.
 inline random::SeedPair referenceSeedPair(const char* caller, std::int64_t seed) {
-  // The reference builds `tf.constant([seed, seed + 1])`: int32 when both fit, otherwise
-  // int64 (same stream, TF sign-extends int32 seeds), and an error past int64. So every seed
-  // but INT64_MAX is one the reference accepts.
-  if (seed == std::numeric_limits<std::int64_t>::max()) {
-    throw std::invalid_argument(std::string(caller) +
-                                ": seed must be <= 9223372036854775806 (the reference "
-                                "uses seed + 1 as an int64), got " +
-                                std::to_string(seed));
-  }
+  checkReferenceSeed(caller, seed);
   return random::SeedPair{seed, seed + 1};
 }
 

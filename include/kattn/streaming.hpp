@@ -2,11 +2,13 @@
 /// \file
 /// StreamingState: the decode cache of a causal layer (SPEC 3.4, 3.5), with save and restore.
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <istream>
 #include <limits>
+#include <optional>
 #include <ostream>
 #include <sstream>
 #include <stdexcept>
@@ -14,7 +16,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "detail/causal.hpp"
+#include "detail/causal_state.hpp"
 #include "limits.hpp"
 #include "tensor.hpp"
 
@@ -29,9 +31,6 @@ enum class StreamingMode {
   /// whole chunks, and a ring of the last W chunk terms drops chunks that leave the window.
   Exact,
 };
-
-template <typename Scalar, typename FeatureMap, typename Masking>
-class KernelAttention;
 
 /**
  * \brief Per (batch row, head) state of causal attention across calls.
@@ -76,6 +75,7 @@ class StreamingState {
     m_state.resize(std::size_t(m_batch * m_heads));
     for (auto& h : m_state) h.reset(m_features, m_value_dim);
     m_key_shift.assign(std::size_t(m_batch), -std::numeric_limits<Scalar>::infinity());
+    m_query_shift.assign(std::size_t(m_batch), std::numeric_limits<Scalar>::quiet_NaN());
     m_tokens = 0;
     m_finished = false;
   }
@@ -87,6 +87,80 @@ class StreamingState {
   StreamingMode mode() const { return m_mode; }
   /// Tokens fed so far (per batch row).
   Index tokens() const { return m_tokens; }
+  /// The layer's chunk length C, window W (chunks) and decay per chunk (1 for none).
+  Index chunk() const { return m_chunk; }
+  Index window() const { return m_window; }
+  double decay() const { return m_gamma; }
+
+  /// \name The causal core's interface (detail/streaming_pass.hpp)
+  /// A call checks the state, advances the head states of each batch row, and ends; nothing
+  /// else writes the state.
+  ///@{
+
+  /// Throws std::invalid_argument unless a layer of these sizes and causal parameters may
+  /// feed this state its next call.
+  void requireCompatible(Index batch, Index heads, Index features, Index value_dim, Index chunk,
+                         Index window, double gamma) const {
+    if (m_batch != batch || m_heads != heads || m_features != features ||
+        m_value_dim != value_dim) {
+      throw std::invalid_argument(
+          "state: expected a state for [B, N, F, d_v] = [" + std::to_string(batch) + ", " +
+          std::to_string(heads) + ", " + std::to_string(features) + ", " +
+          std::to_string(value_dim) + "], got [" + std::to_string(m_batch) + ", " +
+          std::to_string(m_heads) + ", " + std::to_string(m_features) + ", " +
+          std::to_string(m_value_dim) + "]");
+    }
+    if (m_chunk != chunk || m_window != window || m_gamma != gamma) {
+      throw std::invalid_argument("state: made for another layer (chunk, window or decay differ)");
+    }
+    if (m_finished) {
+      throw std::invalid_argument("state: the previous call ended inside a chunk (right "
+                                  "padding), so the stream is finished; reset() the state");
+    }
+  }
+
+  /// The head states of batch row b, [heads()] of them.
+  detail::CausalHeadState<Scalar>* headStates(Index b) { return &head(b, 0); }
+  const detail::CausalHeadState<Scalar>* headStates(Index b) const { return &head(b, 0); }
+
+  /// Raises batch row b's running key shift (exp maps) to at least `logit`, rescaling its
+  /// head states by exp(old - new) so that they stay relative to it; returns the shift.
+  Scalar raiseKeyShift(Index b, Scalar logit) {
+    Scalar& running = m_key_shift[std::size_t(b)];
+    if (logit > running) {
+      if (std::isfinite(running)) {
+        const Scalar factor = std::exp(running - logit);
+        for (Index n = 0; n < m_heads; ++n) head(b, n).rescale(factor);
+      }
+      running = logit;
+    }
+    return running;
+  }
+
+  /// The running key shift of batch row b (exp maps; -inf before any key, and for the others).
+  Scalar keyShift(Index b) const { return m_key_shift[std::size_t(b)]; }
+  /// Fixes the exp maps' query shift of batch row b for the calls that follow, instead of
+  /// each call's own largest query logit: a piece of a sequence split across workers then
+  /// computes the whole pass's features (core.hpp). A call-time setting, not saved; reset()
+  /// clears it.
+  void fixQueryShift(Index b, Scalar shift) { m_query_shift[std::size_t(b)] = shift; }
+  /// The fixed query shift of batch row b, if any.
+  std::optional<Scalar> queryShift(Index b) const {
+    const Scalar s = m_query_shift[std::size_t(b)];
+    return std::isnan(s) ? std::nullopt : std::optional<Scalar>(s);
+  }
+  /// Whether a call ended inside a chunk (right padding): the stream takes no more calls.
+  bool finished() const { return m_finished; }
+  /// Counts `T` more tokens as seen before this state's own (combine).
+  void addTokens(Index T) { m_tokens += T; }
+
+  /// Ends a call of T tokens; in exact mode a call that ends inside a chunk (right padding)
+  /// finishes the stream.
+  void endCall(Index T) {
+    m_tokens += T;
+    if (m_mode == StreamingMode::Exact && T % m_chunk != 0) m_finished = true;
+  }
+  ///@}
 
   /// The reference's cache tensor `kv` [B, N, d_v, F] (in exact mode: the window sum of the
   /// last chunk).
@@ -241,9 +315,6 @@ class StreamingState {
   }
 
  private:
-  template <typename, typename, typename>
-  friend class KernelAttention;
-
   static constexpr char kMagic[8] = {'K', 'A', 'T', 'T', 'N', 'S', 'T', '1'};
 
   static void putInt(std::ostream& os, std::int64_t v) { putRaw(os, &v, 1); }
@@ -303,8 +374,61 @@ class StreamingState {
   double m_gamma = 1.0;
   std::vector<detail::CausalHeadState<Scalar>> m_state;
   std::vector<Scalar> m_key_shift;   // running max of key logits per batch row (exp maps)
+  std::vector<Scalar> m_query_shift; // fixed query shift per batch row, NaN for none
   Index m_tokens = 0;
   bool m_finished = false;           // a call ended inside a chunk (right padding)
 };
+
+/**
+ * \brief The state after the tokens of `later` follow those of `earlier`, where `later` was
+ * fed from a fresh state: the scan operator of a causal pass split into pieces. Feeding a
+ * piece from combine(state of the pieces before it, ...) gives the whole pass's outputs, and
+ * combine is associative (up to rounding). In exact mode the window keeps the last W chunks of
+ * both (the earlier's chunks weighted by gamma^(later's chunks)); in recurrent mode without
+ * decay the sums add. For the exp maps both are first brought to the larger running key shift.
+ * \throws std::invalid_argument for states of different layers or modes, a finished
+ * `earlier` (its stream ended inside a chunk), or a recurrent state with decay (it records no
+ * count of its calls, which the decay between them needs).
+ */
+template <typename Scalar>
+StreamingState<Scalar> combine(const StreamingState<Scalar>& earlier,
+                               const StreamingState<Scalar>& later) {
+  later.requireCompatible(earlier.batch(), earlier.heads(), earlier.features(),
+                          earlier.valueDim(), earlier.chunk(), earlier.window(), earlier.decay());
+  if (earlier.mode() != later.mode()) {
+    throw std::invalid_argument("combine: the states are in different modes");
+  }
+  if (earlier.finished()) {
+    throw std::invalid_argument("combine: the earlier state's stream ended inside a chunk");
+  }
+  const bool exact = earlier.mode() == StreamingMode::Exact;
+  if (!exact && earlier.decay() != 1.0) {
+    throw std::invalid_argument(
+        "combine: a recurrent state with decay records no count of its calls; use exact mode");
+  }
+  StreamingState<Scalar> a = earlier, b = later;
+  StreamingState<Scalar> out = later;
+  const Scalar gamma = Scalar(earlier.decay());
+  for (Index r = 0; r < earlier.batch(); ++r) {
+    // Both relative to the larger running key shift (exp maps; -inf for the others).
+    const Scalar shift = std::max(a.keyShift(r), b.keyShift(r));
+    a.raiseKeyShift(r, shift);
+    b.raiseKeyShift(r, shift);
+    out.raiseKeyShift(r, shift);
+    for (Index n = 0; n < earlier.heads(); ++n) {
+      const auto& ha = a.headStates(r)[n];
+      const auto& hb = b.headStates(r)[n];
+      auto& h = out.headStates(r)[n];
+      if (exact) {
+        h = ha.followedBy(hb, gamma, earlier.window());
+      } else {
+        h.kv = ha.kv + hb.kv;
+        h.z = ha.z + hb.z;
+      }
+    }
+  }
+  out.addTokens(earlier.tokens());
+  return out;
+}
 
 }  // namespace kattn

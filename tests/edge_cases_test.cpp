@@ -47,7 +47,7 @@
 #include <string>
 #include <vector>
 
-#include "float_inputs.hpp"
+#include "test_support.hpp"
 
 namespace {
 

@@ -1,6 +1,7 @@
 #pragma once
 // Helpers the tests share: temporary folders and whole files; seeded float inputs and slices of
-// [B, T, D] tensors; the typed fixtures over scalar x feature map (kattn_test::Combos).
+// [B, T, D] tensors; the typed fixtures over scalar x feature map (kattn_test::Combos); random
+// causal problems on the float64 reference of reference.hpp and a streaming driver.
 
 #include <gtest/gtest.h>
 
@@ -120,5 +121,200 @@ class ComboTest : public ::testing::Test {
   static constexpr bool kExpType = kattn::feature_map_traits<Map>::max_shifted;
   static std::string mapName() { return Map::name; }
 };
+
+/// The causal windowed layer of a Combo, and how close streaming comes to the whole pass.
+template <typename C>
+class CausalTest : public ComboTest<C, kattn::CausalWindowed> {
+  using Base = ComboTest<C, kattn::CausalWindowed>;
+
+ protected:
+  using State = kattn::StreamingState<typename Base::Scalar>;
+  /// Streamed vs whole on well-conditioned inputs: the exp maps' shifts differ (per call /
+  /// running maximum against the whole row's), which SPEC 3.5 bounds by 1e-6 in float64.
+  static constexpr double kStreamTol =
+      Base::kExpType ? std::max(1e-6, Base::kTol) : Base::kTol;
+  /// Streamed vs whole on `p`: the declared tolerance, plus for the exp maps the weight of eps
+  /// in `p` (kattn_test::epsCheck), which is all their different shifts may change.
+  static double streamTolerance(const Problem& p) {
+    return Base::kExpType ? Base::kTol + epsCheck(p).bound : Base::kTol;
+  }
+};
+
+// ---- random causal problems and streaming ---------------------------------------------------
+
+struct CausalOptions {
+  Index max_len = 40;
+  std::optional<Index> T;        // fixed length
+  bool allow_padding = true;     // else padding none and T a multiple of C
+  bool allow_mask = true;
+  bool allow_scale = true;       // scale_by_length (not with a streaming state)
+  double input_scale = 1.0;
+  std::optional<Index> chunk, window;
+  bool fixed_decay = false;
+  std::optional<double> decay;
+  Index max_batch = 2;
+};
+
+/**
+ * A random causal problem for feature map `name`: C in 1..5, W in 1..6 or large, decay none
+ * or gamma in {0, 0.5, 0.9, 1}, padding none/left/right. The identity map gets a shared
+ * query/key bias offset and m >= d (a normaliser away from zero).
+ */
+inline Problem randomCausal(Rng& r, const std::string& name, const CausalOptions& o = {}) {
+  Problem p;
+  auto& c = p.cfg;
+  const bool identity = name == "identity";
+  c.feature_transform = name;
+  c.use_causal_windowed = true;
+  c.causal_chunk_length = int(o.chunk ? *o.chunk : r.intIn(1, 5));
+  c.causal_window_length = int(o.window ? *o.window : (r.coin(0.25) ? r.intIn(50, 400) : r.intIn(1, 6)));
+  if (o.fixed_decay) {
+    c.causal_window_decay = o.decay;
+  } else {
+    const Index k = r.intIn(0, 4);
+    if (k > 0) c.causal_window_decay = std::vector<double>{0.0, 0.5, 0.9, 1.0}[std::size_t(k - 1)];
+  }
+  const Index C = c.causal_chunk_length;
+  Index T;
+  if (o.allow_padding && r.coin(0.6)) {
+    c.causal_padding = r.coin() ? "left" : "right";
+    T = o.T ? *o.T : r.intIn(1, o.max_len);
+  } else {
+    if (r.coin(0.3)) c.causal_padding = "none";
+    T = o.T ? *o.T : C * r.intIn(1, std::max<Index>(1, o.max_len / C));
+  }
+  const Index B = r.intIn(1, o.max_batch);
+  c.num_heads = int(r.intIn(1, 3));
+  c.key_dim = int(r.intIn(1, 6));
+  if (r.coin()) c.value_dim = int(r.intIn(1, 6));
+  if (r.coin()) c.output_shape = int(r.intIn(1, 6));
+  c.use_bias = identity || r.coin(0.7);
+  c.seed = r.intIn(0, 1000);
+  if (r.coin(0.35)) {
+    c.num_random_features = 0;
+  } else {
+    c.num_random_features = int(identity ? r.intIn(c.key_dim, 2 * c.key_dim) : r.intIn(1, 16));
+    if (r.coin()) {
+      p.projection = kattn::randomProjection<double>(c.num_random_features, c.key_dim,
+                                                     r.intIn(1000, 2000));
+    }
+  }
+  if (r.coin(0.3)) c.scale = r.uniform(0.1, 1.0);
+  const Index Dq = r.intIn(1, 8), Dv = r.intIn(1, 8);
+  const bool key_given = r.coin();
+  const Index Dk = key_given ? r.intIn(1, 8) : Dv;
+  if (o.allow_mask && r.coin(0.6)) {
+    c.scale_by_length = o.allow_scale && r.coin(0.3);
+    p.mask = kattn_test::randomMask(r, B, T, 0.3, c.scale_by_length ? 1 : 0);
+  }
+  p.weights = kattn_test::randomWeights(r, c, Dq, Dk, Dv, identity ? 2.0 : 0.0);
+  p.query = kattn_test::randomTensor(r, B, T, Dq, o.input_scale);
+  p.value = kattn_test::randomTensor(r, B, T, Dv, 1.0);
+  if (key_given) p.key = kattn_test::randomTensor(r, B, T, Dk, o.input_scale);
+  if (!key_given && o.input_scale != 1.0) {
+    // The value is also the key input: keep the key logits as small as asked.
+    for (Index i = 0; i < p.value.size(); ++i) p.value.data()[i] *= o.input_scale;
+  }
+  return p;
+}
+
+/// A random split of T = n C tokens into calls of whole chunks (C = 1: any split); with
+/// `rest` > 0 the last call also holds `rest` tokens (a partial last chunk).
+inline std::vector<Index> randomSplit(Rng& r, Index T, Index C) {
+  std::vector<Index> calls;
+  Index chunks = T / C;
+  const Index rest = T % C;
+  while (chunks > 0) {
+    const Index k = r.coin(0.3) ? r.intIn(1, chunks) : r.intIn(1, std::min<Index>(chunks, 3));
+    calls.push_back(k * C);
+    chunks -= k;
+  }
+  if (rest) {
+    if (calls.empty()) calls.push_back(0);
+    calls.back() += rest;
+  }
+  return calls;
+}
+
+/// Feeds tokens [t0, t0 + sum(calls)) of `p` through `state`, call by call; returns their
+/// outputs [B, sum(calls), O].
+template <typename Layer, typename S = kattn_test::ScalarOfT<Layer>>
+kattn::Tensor<S, 3> stream(const Layer& layer, const Problem& p, const std::vector<Index>& calls,
+                           kattn::StreamingState<S>& state, Index t0 = 0,
+                           bool into_caller_memory = false) {
+  const kattn::Tensor<S, 3> q = kattn_test::cast<S>(p.query), v = kattn_test::cast<S>(p.value);
+  std::optional<kattn::Tensor<S, 3>> k;
+  std::optional<kattn::Tensor<S, 2>> m;
+  if (p.key) k = kattn_test::cast<S>(*p.key);
+  if (p.mask) m = kattn_test::cast<S>(*p.mask);
+  Index total = 0;
+  for (Index L : calls) total += L;
+  kattn::Tensor<S, 3> out(p.B(), total, layer.outputDim());
+  Index pos = 0;
+  for (Index L : calls) {
+    const kattn::Tensor<S, 3> qc = rows(q, t0 + pos, L), vc = rows(v, t0 + pos, L);
+    std::optional<kattn::Tensor<S, 3>> kc;
+    std::optional<kattn::Tensor<S, 2>> mc;
+    std::optional<kattn::ConstTensorMap<S, 3>> kv;
+    std::optional<kattn::ConstTensorMap<S, 2>> mv;
+    if (k) kv.emplace(kc.emplace(rows(*k, t0 + pos, L)));
+    if (m) mv.emplace(mc.emplace(cols(*m, t0 + pos, L)));
+    kattn::Tensor<S, 3> y;
+    if (into_caller_memory) {
+      y.resize(p.B(), L, layer.outputDim());
+      y.setConstant(S(-7));  // every element must be written
+      layer.forward(qc, vc, kv, mv, state, kattn::TensorMap<S, 3>(y));
+    } else {
+      y = layer.forward(qc, vc, kv, mv, state);
+    }
+    out.slice(Eigen::array<Index, 3>{0, pos, 0}, Eigen::array<Index, 3>{p.B(), L, out.dimension(2)}) = y;
+    pos += L;
+  }
+  return out;
+}
+
+template <typename V>
+std::string show(const V& calls) {
+  std::string s = "[";
+  for (auto c : calls) s += (s.size() > 1 ? "," : "") + std::to_string(c);
+  return s + "]";
+}
+
+template <typename S>
+bool allFinite(const kattn::Tensor<S, 3>& t) {
+  for (Index i = 0; i < t.size(); ++i)
+    if (!std::isfinite(t.data()[i])) return false;
+  return true;
+}
+
+/// The layer of smallCausal's problems.
+using EluCausal = kattn::KernelAttention<double, kattn::Elu, kattn::CausalWindowed>;
+
+/// A small causal elu problem (B = 2, T = 6, two heads) for the error and state-bytes tests.
+inline Problem smallCausal(Index C = 2, Index W = 3, std::optional<double> decay = std::nullopt) {
+  Rng r(5);
+  CausalOptions o;
+  o.T = 6;
+  o.chunk = C;
+  o.window = W;
+  o.fixed_decay = true;
+  o.decay = decay;
+  o.allow_padding = false;
+  o.allow_mask = false;
+  o.allow_scale = false;
+  Problem p = randomCausal(r, "elu", o);
+  p.cfg.causal_padding.reset();
+  p.cfg.num_heads = 2;
+  p.cfg.key_dim = 3;
+  p.cfg.value_dim = 2;
+  p.cfg.num_random_features = 4;
+  p.cfg.output_shape.reset();
+  p.projection.reset();
+  p.key.reset();
+  p.query = kattn_test::randomTensor(r, 2, 6, 5, 1.0);
+  p.value = kattn_test::randomTensor(r, 2, 6, 4, 1.0);
+  p.weights = kattn_test::randomWeights(r, p.cfg, 5, 4, 4);
+  return p;
+}
 
 }  // namespace kattn_test

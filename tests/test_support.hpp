@@ -1,7 +1,9 @@
 #pragma once
 // Helpers the tests share: temporary folders and whole files; seeded float inputs and slices of
 // [B, T, D] tensors; the typed fixtures over scalar x feature map (kattn_test::Combos); random
-// causal problems on the float64 reference of reference.hpp and a streaming driver.
+// causal problems on the float64 reference of reference.hpp and a streaming driver; and the
+// every-path harness of the edge-case tests (kattn_test::paths: one AnyKernelAttention<float>
+// per path of the layer, a float64 relu reference, row predicates).
 
 #include <gtest/gtest.h>
 
@@ -316,5 +318,316 @@ inline Problem smallCausal(Index C = 2, Index W = 3, std::optional<double> decay
   p.weights = kattn_test::randomWeights(r, p.cfg, 5, 4, 4);
   return p;
 }
+
+
+// ---- every path of the layer, in float (the edge-case tests) --------------------------------
+
+namespace paths {
+
+using kattn::Index;
+using Tensor1 = kattn::Tensor<float, 1>;
+using Tensor2 = kattn::Tensor<float, 2>;
+using Tensor3 = kattn::Tensor<float, 3>;
+using Tensor4 = kattn::Tensor<float, 4>;
+using CMap2 = kattn::ConstTensorMap<float, 2>;
+using CMap3 = kattn::ConstTensorMap<float, 3>;
+using Any = kattn::AnyKernelAttention<float>;
+
+inline constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+inline constexpr float kInf = std::numeric_limits<float>::infinity();
+
+using Rng = FloatRng;
+using kattn_test::view;
+
+inline constexpr Index kDim = 6;  // D_q = D_k = D_v = O
+
+inline kattn::Weights<float> randomWeights(Rng& r, const kattn::LayerConfig& c) {
+  const Index N = c.num_heads, d = c.key_dim, dv = c.resolvedValueDim(), D = kDim;
+  kattn::Weights<float> w;
+  w.query_kernel = randomTensor<3>(r, 0.5f, D, N, d);
+  w.key_kernel = randomTensor<3>(r, 0.5f, D, N, d);
+  w.value_kernel = randomTensor<3>(r, 0.5f, D, N, dv);
+  w.output_kernel = randomTensor<3>(r, 0.5f, N, dv, D);
+  w.output_softmax_kernel = randomTensor<3>(r, 0.5f, N, dv, D);
+  if (c.use_bias) {
+    w.query_bias = randomTensor<2>(r, 0.1f, N, d);
+    w.key_bias = randomTensor<2>(r, 0.1f, N, d);
+    w.value_bias = randomTensor<2>(r, 0.1f, N, dv);
+    w.output_bias = randomTensor<1>(r, 1.0f, D);
+    w.output_softmax_bias = randomTensor<1>(r, 1.0f, D);
+  }
+  if (c.begin_kernel == 0) {
+    w.output_softmax_kernel = Tensor3();
+    w.output_softmax_bias = Tensor1();
+  }
+  return w;
+}
+
+/// One forward problem: query [B, T, D], value and key [B, S, D], mask [B, S] or none.
+struct Problem {
+  Tensor3 query, value, key;
+  std::optional<Tensor2> mask;
+  std::optional<CMap2> maskView() const {
+    if (!mask) return std::nullopt;
+    return CMap2(mask->data(), mask->dimensions());
+  }
+};
+
+/// Inputs ~ N(0, sd^2). The exp maps are compared with sd = 0.3: with larger inputs their
+/// features (h(x) exp(z - M), M the largest logit) get so small that the eps of the
+/// normaliser moves the result by percents, and the shifts (which differ between a whole
+/// pass, a chunk and a streaming call) cancel only up to that eps term (SPEC 2).
+inline Problem makeProblem(Rng& r, Index B, Index T, Index S, bool with_mask, float sd = 1.0f) {
+  Problem p;
+  p.query = randomTensor<3>(r, sd, B, T, kDim);
+  p.value = randomTensor<3>(r, 1.0f, B, S, kDim);
+  p.key = randomTensor<3>(r, sd, B, S, kDim);
+  if (with_mask) {
+    Tensor2 m(B, S);
+    for (Index i = 0; i < m.size(); ++i) m.data()[i] = r.intIn(0, 3) == 0 ? 0.0f : 1.0f;
+    for (Index b = 0; b < B && S > 0; ++b) m(b, 0) = 1.0f;  // no row fully masked
+    p.mask = m;
+  }
+  return p;
+}
+
+inline Tensor3 sliceBatch(const Tensor3& t, Index b0, Index n) {
+  Tensor3 out(n, t.dimension(1), t.dimension(2));
+  for (Index b = 0; b < n; ++b)
+    for (Index i = 0; i < t.dimension(1); ++i)
+      for (Index j = 0; j < t.dimension(2); ++j) out(b, i, j) = t(b0 + b, i, j);
+  return out;
+}
+
+inline Problem sliceProblemRows(const Problem& p, Index r0, Index L) {
+  Problem c{rows(p.query, r0, L), rows(p.value, r0, L), rows(p.key, r0, L), {}};
+  if (p.mask) {
+    Tensor2 m(p.mask->dimension(0), L);
+    for (Index b = 0; b < m.dimension(0); ++b)
+      for (Index i = 0; i < L; ++i) m(b, i) = (*p.mask)(b, r0 + i);
+    c.mask = m;
+  }
+  return c;
+}
+
+inline Problem sliceProblemBatch(const Problem& p, Index b0, Index n) {
+  Problem c{sliceBatch(p.query, b0, n), sliceBatch(p.value, b0, n), sliceBatch(p.key, b0, n), {}};
+  if (p.mask) {
+    Tensor2 m(n, p.mask->dimension(1));
+    for (Index b = 0; b < n; ++b)
+      for (Index i = 0; i < m.dimension(1); ++i) m(b, i) = (*p.mask)(b0 + b, i);
+    c.mask = m;
+  }
+  return c;
+}
+
+/// The paths of the layer. Streaming feeds the sequence in calls of `chunk` tokens (exact
+/// mode without decay, recurrent with one) and concatenates the outputs.
+enum class Path { Kernel, KernelExplicit, KernelLowRank, Short, BeginKernel, Causal, Streaming };
+
+inline const char* pathName(Path p) {
+  switch (p) {
+    case Path::Kernel:
+      return "kernel";
+    case Path::KernelExplicit:
+      return "kernel(explicit)";
+    case Path::KernelLowRank:
+      return "kernel(low-rank)";
+    case Path::Short:
+      return "short";
+    case Path::BeginKernel:
+      return "begin_kernel";
+    case Path::Causal:
+      return "causal";
+    case Path::Streaming:
+      return "streaming";
+  }
+  return "?";
+}
+
+inline constexpr Path kAllPaths[] = {Path::Kernel,   Path::KernelExplicit, Path::KernelLowRank,
+                              Path::Short,    Path::BeginKernel,    Path::Causal,
+                              Path::Streaming};
+inline const std::vector<std::string> kMaps = {"elu",    "relu",     "square", "exp",
+                                        "expmod", "identity", "expplus"};
+
+inline bool causal(Path p) { return p == Path::Causal || p == Path::Streaming; }
+inline bool applicable(Path p, const std::string& map) {
+  return !(p == Path::Streaming && map == "expplus");
+}
+
+inline kattn::LayerConfig configFor(Path path, const std::string& map) {
+  kattn::LayerConfig c;
+  c.num_heads = 2;
+  c.key_dim = 4;
+  c.value_dim = 3;
+  c.feature_transform = map;
+  c.num_random_features = 5;
+  c.seed = 11;
+  c.is_short_seq = path == Path::Short;
+  c.begin_kernel = path == Path::BeginKernel ? 2 : 0;
+  if (causal(path)) {
+    c.use_causal_windowed = true;
+    c.causal_chunk_length = 2;
+    c.causal_window_length = 2;
+  }
+  return c;
+}
+
+inline Any makeLayer(Path path, const kattn::LayerConfig& c, std::uint64_t seed = 7) {
+  Any layer(c);
+  Rng r(seed);
+  layer.setWeights(randomWeights(r, c));
+  if (path == Path::KernelExplicit) layer.setCoreForm(kattn::CoreForm::Explicit);
+  if (path == Path::KernelLowRank) layer.setCoreForm(kattn::CoreForm::LowRank);
+  return layer;
+}
+
+/// Runs a problem through `path` (streaming: calls of `chunk` tokens, outputs concatenated).
+inline Tensor3 run(const Any& layer, Path path, const Problem& p, Index chunk = 2) {
+  if (path != Path::Streaming) {
+    return layer.forward(view(p.query), view(p.value), view(p.key), p.maskView());
+  }
+  const Index B = p.query.dimension(0), T = p.query.dimension(1);
+  Tensor3 out(B, T, layer.outputDim());
+  auto state = layer.makeState(B);
+  for (Index r0 = 0; r0 < T; r0 += chunk) {
+    const Index L = std::min(chunk, T - r0);
+    const Problem c = sliceProblemRows(p, r0, L);
+    const Tensor3 y = layer.forward(view(c.query), view(c.value), view(c.key), c.maskView(), state);
+    for (Index b = 0; b < B; ++b)
+      for (Index i = 0; i < L; ++i)
+        for (Index j = 0; j < y.dimension(2); ++j) out(b, r0 + i, j) = y(b, i, j);
+  }
+  return out;
+}
+
+inline bool sameBits(float a, float b) {
+  return (std::isnan(a) && std::isnan(b)) || std::memcmp(&a, &b, sizeof(float)) == 0;
+}
+
+/// Output row (b, t) equals the bias (the softmax part's bias for t < begin_kernel), exactly.
+inline void expectBiasRow(const Tensor3& y, Index b, Index t, const kattn::Weights<float>& w,
+                          Index K, const std::string& what) {
+  const Tensor1& bias = t < K ? w.output_softmax_bias : w.output_bias;
+  for (Index j = 0; j < y.dimension(2); ++j) {
+    ASSERT_EQ(y(b, t, j), bias(j)) << what << " b=" << b << " t=" << t << " j=" << j;
+  }
+}
+
+inline bool rowAll(const Tensor3& y, Index b, Index t, bool (*pred)(float)) {
+  for (Index j = 0; j < y.dimension(2); ++j)
+    if (!pred(y(b, t, j))) return false;
+  return true;
+}
+inline bool isNaN(float x) { return std::isnan(x); }
+inline bool isFinite(float x) { return std::isfinite(x); }
+
+inline bool rowSameBits(const Tensor3& a, Index ba, const Tensor3& b, Index bb, Index t) {
+  for (Index j = 0; j < a.dimension(2); ++j)
+    if (!sameBits(a(ba, t, j), b(bb, t, j))) return false;
+  return true;
+}
+
+inline double maxAbs(const Tensor3& t) {
+  double m = 0;
+  for (Index i = 0; i < t.size(); ++i) m = std::max(m, std::abs(double(t.data()[i])));
+  return m;
+}
+
+/// max |a - b| / max(1, max |b|): both tensors must have the same shape.
+inline double relDiff(const Tensor3& a, const Tensor3& b) {
+  EXPECT_EQ(a.dimensions(), b.dimensions());
+  double m = 0;
+  for (Index i = 0; i < a.size(); ++i) {
+    m = std::max(m, std::abs(double(a.data()[i]) - double(b.data()[i])));
+  }
+  return m / std::max(1.0, maxAbs(b));
+}
+
+/// float64 reference of the kernel paths (SPEC 1, 2, 3.2, 3.3) for relu features with a
+/// projection: bidirectional when chunk = 0, else causal windowed (no padding) with decay.
+inline std::vector<double> referenceRelu(const kattn::LayerConfig& c,
+                                         const kattn::Weights<float>& w,
+                                         const kattn::Matrix<float>& P, const Problem& p,
+                                         Index chunk, Index window, double gamma) {
+  const Index B = p.query.dimension(0), T = p.query.dimension(1), S = p.value.dimension(1);
+  const Index N = c.num_heads, d = c.key_dim, dv = c.resolvedValueDim(), m = P.rows();
+  const Index O = w.output_kernel.dimension(2);
+  const double r = std::sqrt(c.resolvedScale());
+  auto dense = [&](const Tensor3& x, const Tensor3& W, const Tensor2& bias, Index b, Index t,
+                   Index n, Index h) {
+    std::vector<double> out(std::size_t(h), 0.0);
+    for (Index j = 0; j < h; ++j) {
+      double s = bias.size() ? bias(n, j) : 0.0;
+      for (Index i = 0; i < x.dimension(2); ++i) s += double(x(b, t, i)) * W(i, n, j);
+      out[std::size_t(j)] = s;
+    }
+    return out;
+  };
+  auto phi = [&](const std::vector<double>& x) {
+    std::vector<double> f(static_cast<std::size_t>(m));
+    for (Index i = 0; i < m; ++i) {
+      double z = 0;
+      for (Index j = 0; j < d; ++j) z += r * x[std::size_t(j)] * P(i, j);
+      f[std::size_t(i)] = (std::max(z, 0.0) + 1e-3) / std::sqrt(double(m));
+    }
+    return f;
+  };
+  std::vector<double> y(std::size_t(B * T * O), 0.0);
+  for (Index b = 0; b < B; ++b)
+    for (Index n = 0; n < N; ++n) {
+      std::vector<std::vector<double>> kf(static_cast<std::size_t>(S)), vs(kf.size());
+      for (Index s = 0; s < S; ++s) {
+        kf[std::size_t(s)] = phi(dense(p.key, w.key_kernel, w.key_bias, b, s, n, d));
+        vs[std::size_t(s)] = dense(p.value, w.value_kernel, w.value_bias, b, s, n, dv);
+        const double mk = p.mask ? double((*p.mask)(b, s)) : 1.0;
+        for (double& f : kf[std::size_t(s)]) f *= mk;
+      }
+      for (Index t = 0; t < T; ++t) {
+        const std::vector<double> qf =
+            phi(dense(p.query, w.query_kernel, w.query_bias, b, t, n, d));
+        std::vector<double> num(std::size_t(dv), 0.0);
+        double den = 1e-6;
+        for (Index s = 0; s < S; ++s) {
+          double weight = 1.0;
+          if (chunk > 0) {
+            const Index dc = t / chunk - s / chunk;
+            if (dc < 0 || dc >= window) continue;
+            weight = std::pow(gamma, double(dc));
+          }
+          double qk = 0;
+          for (Index i = 0; i < m; ++i)
+            qk += qf[std::size_t(i)] * kf[std::size_t(s)][std::size_t(i)];
+          qk *= weight;
+          den += qk;
+          for (Index j = 0; j < dv; ++j)
+            num[std::size_t(j)] += qk * vs[std::size_t(s)][std::size_t(j)];
+        }
+        for (Index o = 0; o < O; ++o) {
+          double acc = 0;
+          for (Index j = 0; j < dv; ++j)
+            acc += num[std::size_t(j)] / den * w.output_kernel(n, j, o);
+          y[std::size_t((b * T + t) * O + o)] += acc;
+        }
+      }
+    }
+  if (w.output_bias.size()) {
+    for (Index i = 0; i < B * T; ++i)
+      for (Index o = 0; o < O; ++o) y[std::size_t(i * O + o)] += w.output_bias(o);
+  }
+  return y;
+}
+
+inline double relDiff(const Tensor3& a, const std::vector<double>& ref) {
+  double m = 0, scale = 1;
+  for (Index i = 0; i < a.size(); ++i) {
+    m = std::max(m, std::abs(double(a.data()[i]) - ref[std::size_t(i)]));
+    scale = std::max(scale, std::abs(ref[std::size_t(i)]));
+  }
+  return m / scale;
+}
+
+}  // namespace paths
 
 }  // namespace kattn_test

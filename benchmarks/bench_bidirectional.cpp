@@ -59,14 +59,7 @@ void BM_BidirectionalCore(benchmark::State& state, int threads, Index T, int m,
   auto attend = [&] {
     layer.attend(q, k, v, std::nullopt, false, kattn::TensorMap<float, 4>(out));
   };
-  if (warmUpWorthIt(work)) attend();
-  for (auto _ : state) {
-    attend();
-    benchmark::DoNotOptimize(out.data());
-    benchmark::ClobberMemory();
-  }
-  checkOutput(state, out.data(), std::size_t(out.size()));
-  setCounters(state, double(kBatch * T), work);
+  timeIntoBuffer(state, attend, out.data(), std::size_t(out.size()), double(kBatch * T), work);
 }
 
 /**
@@ -94,14 +87,8 @@ void BM_Softmax(benchmark::State& state, int threads, Index T, bool causal) {
     });
   };
   const double work = flops::softmaxAttention(kBatch, N, T, S, d, dv, causal);
-  if (warmUpWorthIt(work)) attention();
-  for (auto _ : state) {
-    attention();
-    benchmark::DoNotOptimize(out.data());
-    benchmark::ClobberMemory();
-  }
-  checkOutput(state, out.data(), std::size_t(out.size()));
-  setCounters(state, double(kBatch * T), work);
+  timeIntoBuffer(state, attention, out.data(), std::size_t(out.size()), double(kBatch * T),
+                 work);
 }
 
 /// One workload's forms at length T: kattn (cost model), lowrank, explicit.

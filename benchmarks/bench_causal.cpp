@@ -55,14 +55,7 @@ void BM_CausalCore(benchmark::State& state, int threads, Index T, int m) {
   auto attend = [&] {
     layer.attend(q, k, v, std::nullopt, false, kattn::TensorMap<float, 4>(out));
   };
-  if (warmUpWorthIt(work)) attend();
-  for (auto _ : state) {
-    attend();
-    benchmark::DoNotOptimize(out.data());
-    benchmark::ClobberMemory();
-  }
-  checkOutput(state, out.data(), std::size_t(out.size()));
-  setCounters(state, double(kBatch * T), work);
+  timeIntoBuffer(state, attend, out.data(), std::size_t(out.size()), double(kBatch * T), work);
 }
 
 /**

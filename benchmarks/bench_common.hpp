@@ -108,6 +108,24 @@ inline void setCounters(benchmark::State& state, double tokens, double flops) {
       benchmark::Counter(flops, benchmark::Counter::kIsIterationInvariantRate);
 }
 
+/**
+ * The timed loop of a benchmark whose `run()` writes n floats at `out`, caller memory allocated
+ * (and first touched) once: the warm-up call where warmUpWorthIt(flops), one call per
+ * iteration, then the output check and the counters (`tokens` and `flops` per call).
+ */
+template <typename Fn>
+void timeIntoBuffer(benchmark::State& state, Fn&& run, const float* out, std::size_t n,
+                    double tokens, double flops) {
+  if (warmUpWorthIt(flops)) run();
+  for (auto _ : state) {
+    run();
+    benchmark::DoNotOptimize(out);
+    benchmark::ClobberMemory();
+  }
+  checkOutput(state, out, n);
+  setCounters(state, tokens, flops);
+}
+
 /// How one benchmark is timed. The measuring time is Google Benchmark's (--benchmark_min_time,
 /// default 0.5 s; a call longer than that is measured once): set per benchmark it would be
 /// appended to every name.

@@ -72,14 +72,7 @@ void BM_Layer(benchmark::State& state, int threads, Index T, int m) {
   auto forward = [&] {
     layer.forward(x, x, std::nullopt, std::nullopt, false, kattn::TensorMap<float, 3>(out));
   };
-  if (warmUpWorthIt(work)) forward();
-  for (auto _ : state) {
-    forward();
-    benchmark::DoNotOptimize(out.data());
-    benchmark::ClobberMemory();
-  }
-  checkOutput(state, out.data(), std::size_t(out.size()));
-  setCounters(state, double(kBatch * T), work);
+  timeIntoBuffer(state, forward, out.data(), std::size_t(out.size()), double(kBatch * T), work);
 }
 
 }  // namespace

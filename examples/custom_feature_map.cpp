@@ -46,34 +46,6 @@ namespace {
 
 using kattn::Index;
 
-/// Kernels from N(0, 1/fan_in), biases from N(0, 0.1^2), seeded.
-kattn::Weights<double> randomWeights(Index Dq, Index Dk, Index Dv, Index N, Index d, Index O,
-                                     unsigned seed) {
-  std::mt19937 gen(seed);
-  auto fill = [&](auto& t, double std_dev) {
-    std::normal_distribution<double> normal(0, std_dev);
-    for (Index i = 0; i < t.size(); ++i) t.data()[i] = normal(gen);
-  };
-  kattn::Weights<double> w;
-  w.query_kernel.resize(Dq, N, d);
-  w.key_kernel.resize(Dk, N, d);
-  w.value_kernel.resize(Dv, N, d);
-  w.output_kernel.resize(N, d, O);
-  w.query_bias.resize(N, d);
-  w.key_bias.resize(N, d);
-  w.value_bias.resize(N, d);
-  w.output_bias.resize(O);
-  fill(w.query_kernel, 1 / std::sqrt(double(Dq)));
-  fill(w.key_kernel, 1 / std::sqrt(double(Dk)));
-  fill(w.value_kernel, 1 / std::sqrt(double(Dv)));
-  fill(w.output_kernel, 1 / std::sqrt(double(N * d)));
-  fill(w.query_bias, 0.1);
-  fill(w.key_bias, 0.1);
-  fill(w.value_bias, 0.1);
-  fill(w.output_bias, 0.1);
-  return w;
-}
-
 double softplus(double z) { return std::max(z, 0.0) + std::log1p(std::exp(-std::abs(z))); }
 
 /// What the layer computes (SPEC 1 and 3.2), written out with loops over every (query, key)
@@ -150,8 +122,8 @@ int main() {
   config.seed = 9;
   // config.feature_transform names the built-in maps; a layer with its own map type ignores it.
   kattn::KernelAttention<double, Softplus> layer(config);
-  const kattn::Weights<double> w = randomWeights(Dq, Dk, Dv, N, d, /*O=*/Dq, 21);
-  layer.setWeights(w);
+  layer.initializeWeights(/*query_dim=*/Dq, /*value_dim=*/Dv, /*key_dim=*/Dk);
+  const kattn::Weights<double>& w = layer.weights();
 
   // Cross-attention with separate key and value inputs; the last 10 keys of row 1 are padding.
   std::mt19937 gen(4);

@@ -28,33 +28,6 @@ using kattn::Index;
 constexpr Index kBatch = 2, kLength = 96, kModelDim = 64, kHeads = 4, kKeyDim = 16;
 constexpr double kTolerance = 1e-5;
 
-/// Kernels from N(0, 1/fan_in), biases from N(0, 0.1^2): a seeded stand-in for trained weights.
-kattn::Weights<float> randomWeights(Index D, Index N, Index d, Index O, unsigned seed) {
-  std::mt19937 gen(seed);
-  auto fill = [&](auto& t, double std_dev) {
-    std::normal_distribution<float> normal(0.f, float(std_dev));
-    for (Index i = 0; i < t.size(); ++i) t.data()[i] = normal(gen);
-  };
-  kattn::Weights<float> w;
-  w.query_kernel.resize(D, N, d);
-  w.key_kernel.resize(D, N, d);
-  w.value_kernel.resize(D, N, d);
-  w.output_kernel.resize(N, d, O);
-  w.query_bias.resize(N, d);
-  w.key_bias.resize(N, d);
-  w.value_bias.resize(N, d);
-  w.output_bias.resize(O);
-  fill(w.query_kernel, 1 / std::sqrt(double(D)));
-  fill(w.key_kernel, 1 / std::sqrt(double(D)));
-  fill(w.value_kernel, 1 / std::sqrt(double(D)));
-  fill(w.output_kernel, 1 / std::sqrt(double(N * d)));
-  fill(w.query_bias, 0.1);
-  fill(w.key_bias, 0.1);
-  fill(w.value_bias, 0.1);
-  fill(w.output_bias, 0.1);
-  return w;
-}
-
 /// Token t of every batch row: [B, 1, D].
 kattn::Tensor<float, 3> token(const kattn::Tensor<float, 3>& x, Index t) {
   const Eigen::array<Index, 3> offsets{0, t, 0}, extents{x.dimension(0), 1, x.dimension(2)};
@@ -74,7 +47,9 @@ int run() {
   config.causal_chunk_length = 1;
   config.causal_window_length = 32;  // in chunks, i.e. tokens here
   kattn::KernelAttention<float, kattn::Relu, kattn::CausalWindowed> layer(config);
-  layer.setWeights(randomWeights(kModelDim, kHeads, kKeyDim, kModelDim, 11));
+  // A stand-in for trained weights: the layer's initializers (glorot_uniform kernels, zero
+  // biases), seeded by config.seed.
+  layer.initializeWeights(/*query_dim=*/kModelDim, /*value_dim=*/kModelDim);
 
   kattn::Tensor<float, 3> x(kBatch, kLength, kModelDim);  // [B, T, D]
   std::mt19937 gen(5);

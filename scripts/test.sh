@@ -7,7 +7,8 @@
 #      compiled on its own. Not the whole suite (CI must stay under 30 minutes): the tests
 #      that run the threaded paths, concurrency_test (one layer shared between threads,
 #      streaming and training calls, results across thread counts), golden_test (every golden
-#      case on one and two threads) and edge_cases_test.
+#      case on one and two threads) and the edge cases of every path (sizes_test, masks_test,
+#      non_finite_test, causal_extremes_test).
 # The suite is compile-bound (Eigen templates under the sanitizers), so both builds optimise
 # little: -O2 would double the build. g++ at -Og: on a 2-core AVX2 machine an instance unit
 # of the layers compiles in 130 s at -Og against 201 s at -O1, and the heaviest tests run
@@ -36,4 +37,4 @@ run_suite gcc-sanitize g++ -DCMAKE_BUILD_TYPE=None -DCMAKE_CXX_FLAGS=-Og -DKATTN
           -DKATTN_CHECK_HEADERS=OFF
 run_suite clang-tsan clang++ -DCMAKE_BUILD_TYPE=None "-DCMAKE_CXX_FLAGS=-O1 -DNDEBUG" \
           -DKATTN_SANITIZE=thread -DKATTN_PACKAGE_TEST=OFF -DKATTN_BUILD_EXAMPLES=OFF \
-          "-DKATTN_TESTS=concurrency_test;golden_test;edge_cases_test"
+          "-DKATTN_TESTS=concurrency_test;golden_test;sizes_test;masks_test;non_finite_test;causal_extremes_test"

@@ -32,7 +32,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "float_inputs.hpp"
+#include "test_support.hpp"
 
 namespace {
 
@@ -41,12 +41,14 @@ using Tensor1 = kattn::Tensor<float, 1>;
 using Tensor2 = kattn::Tensor<float, 2>;
 using Tensor3 = kattn::Tensor<float, 3>;
 using CMap2 = kattn::ConstTensorMap<float, 2>;
-using CMap3 = kattn::ConstTensorMap<float, 3>;
 
 constexpr int kThreads = 8;
 
 using Rng = kattn_test::FloatRng;
+using kattn_test::cols;
 using kattn_test::randomTensor;
+using kattn_test::rows;
+using kattn_test::view;
 
 kattn::Weights<float> randomWeights(Rng& r, const kattn::LayerConfig& c, Index Dq, Index Dk,
                                     Index Dv) {
@@ -105,24 +107,6 @@ Problem makeProblem(Rng& r, Index B, Index T, Index S, Index D, bool with_mask,
 std::optional<CMap2> maskOf(const Problem& p) {
   if (!p.mask) return std::nullopt;
   return CMap2(p.mask->data(), p.mask->dimensions());
-}
-
-CMap3 view(const Tensor3& t) { return CMap3(t.data(), t.dimensions()); }
-
-/// Slice [r0, r0 + L) of axis 1 of a [B, T, D] tensor.
-Tensor3 rows(const Tensor3& t, Index r0, Index L) {
-  Tensor3 out(t.dimension(0), L, t.dimension(2));
-  for (Index b = 0; b < t.dimension(0); ++b)
-    for (Index i = 0; i < L; ++i)
-      for (Index j = 0; j < t.dimension(2); ++j) out(b, i, j) = t(b, r0 + i, j);
-  return out;
-}
-
-Tensor2 cols(const Tensor2& t, Index c0, Index L) {
-  Tensor2 out(t.dimension(0), L);
-  for (Index b = 0; b < t.dimension(0); ++b)
-    for (Index i = 0; i < L; ++i) out(b, i) = t(b, c0 + i);
-  return out;
 }
 
 /// Whether a layer type can take a streaming state (the run-time layer decides at run time).

@@ -21,6 +21,7 @@
 #include <kattn/io/config_json.hpp>
 
 #include "golden_cases.hpp"
+#include "test_support.hpp"
 
 #ifdef KATTN_RUN_PATH
 
@@ -33,43 +34,9 @@ using kattn::io::SafeTensors;
 using kattn::io::SafeTensorsWriter;
 using kattn_test::GoldenCase;
 using Bytes = std::vector<std::uint8_t>;
-
-/// A temporary folder removed at the end of the test.
-class TempDir {
- public:
-  TempDir() {
-    std::random_device rd;
-    m_path = fs::temp_directory_path() /
-             ("kattn_run_test_" + std::to_string(rd()) + "_" + std::to_string(rd()));
-    fs::create_directories(m_path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(m_path, ec);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  std::string file(const std::string& name) const { return (m_path / name).string(); }
-
- private:
-  fs::path m_path;
-};
-
-std::string readAll(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::ostringstream os;
-  os << in.rdbuf();
-  return os.str();
-}
-
-void writeAll(const std::string& path, const std::string& bytes) {
-  std::ofstream out(path, std::ios::binary);
-  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-}
-
-void writeAll(const std::string& path, const Bytes& bytes) {
-  writeAll(path, std::string(bytes.begin(), bytes.end()));
-}
+using kattn_test::readAll;
+using kattn_test::TempDir;
+using kattn_test::writeAll;
 
 std::string shellQuote(const std::string& s) {
   std::string out = "'";
@@ -232,7 +199,7 @@ class GoldenCli : public ::testing::TestWithParam<std::tuple<std::string, std::s
 TEST_P(GoldenCli, Matches) {
   const auto& [name, dtype] = GetParam();
   const GoldenCase gc(name);
-  TempDir dir;
+  TempDir dir("kattn_run_test");
   if (gc.streaming()) {
     // The case's own calls, carrying the reference's cache tensors between processes.
     std::vector<Index> lengths;
@@ -285,7 +252,7 @@ TEST(GoldenCliStream, RecurrentThroughStateFiles) {
     const GoldenCase gc(name);
     std::vector<Index> lengths;
     for (const auto& l : gc.meta.at("stream_chunk_lengths")) lengths.push_back(l.get<Index>());
-    TempDir dir;
+    TempDir dir("kattn_run_test");
     const auto got = streamCase(gc, lengths, "float64", /*use_state_files=*/true, dir);
     ASSERT_TRUE(got);
     EXPECT_LE(kattn_test::relativeError(got->output, gc.tensor<double, 3>("expected/output")),
@@ -309,7 +276,7 @@ TEST(GoldenCliStream, ExactModeSplitEqualsWholeCausalPass) {
     const GoldenCase gc(s.name);
     ASSERT_FALSE(gc.config.causal_window_decay);
     for (const std::string dtype : {"float64", "float32"}) {
-      TempDir dir;
+      TempDir dir("kattn_run_test");
       const auto got = streamCase(gc, s.lengths, dtype, /*use_state_files=*/true, dir);
       if (!got) continue;  // the failing call is reported
       EXPECT_LE(kattn_test::relativeError(got->output, gc.tensor<double, 3>("expected/output")),
@@ -327,7 +294,7 @@ TEST(GoldenCliStream, AbsentCacheIsAFreshState) {
   const Tensor<double, 4> zeros = Tensor<double, 4>(kv0.dimensions()).setZero();
   ASSERT_EQ(kattn_test::relativeError(kv0, zeros), 0.0);
   ASSERT_FALSE(gc.has("attention_mask"));
-  TempDir dir;
+  TempDir dir("kattn_run_test");
   writeLayerFiles(gc, dir);
   SafeTensorsWriter in;
   in.add("query", rows(gc.tensor<double, 3>("query"), 0, 1));
@@ -404,7 +371,7 @@ TEST(KattnRun, WithoutProjectionMatrixUsesTheSeedsProjection) {
   for (const std::int64_t seed : {std::int64_t(0), std::int64_t(1234), std::int64_t(-7)}) {
     SCOPED_TRACE(seed);
     const SmallLayer small(/*num_random_features=*/6, seed);
-    TempDir dir;
+    TempDir dir("kattn_run_test");
     small.writeAllFiles(dir);
     const RunResult r = runCli(baseArgs(dir, "float64"), dir);
     expectSuccess(r);
@@ -427,7 +394,7 @@ TEST(KattnRun, WithoutProjectionMatrixUsesTheSeedsProjection) {
 
 TEST(KattnRun, ProjectionMatrixInTheWeightsFileWins) {
   SmallLayer small(/*num_random_features=*/6, /*seed=*/5);
-  TempDir dir;
+  TempDir dir("kattn_run_test");
   small.writeConfig(dir);
   small.writeInputs(dir);
   kattn::Matrix<double> P = kattn::Matrix<double>::Random(6, 4);
@@ -452,7 +419,7 @@ TEST(KattnRun, Bfloat16AndFloat16InputsAreWidened) {
     small.query.data()[i] = std::round(small.query.data()[i] * 8) / 8;
     small.value.data()[i] = std::round(small.value.data()[i] * 8) / 8;
   }
-  TempDir dir;
+  TempDir dir("kattn_run_test");
   small.writeAllFiles(dir);
   ASSERT_EQ(runCli(baseArgs(dir, "float32"), dir).code, 0);
   const auto want = SafeTensors::load(dir.file("out.safetensors")).tensor<double, 3>("output");
@@ -503,7 +470,7 @@ TEST(KattnRun, Bfloat16AndFloat16InputsAreWidened) {
 
 TEST(KattnRun, DefaultDtypeIsFloat32) {
   SmallLayer small;
-  TempDir dir;
+  TempDir dir("kattn_run_test");
   small.writeAllFiles(dir);
   std::vector<std::string> args = baseArgs(dir, "float32");
   args.resize(args.size() - 2);  // drop --dtype
@@ -513,7 +480,7 @@ TEST(KattnRun, DefaultDtypeIsFloat32) {
 
 TEST(KattnRun, OptionsWithEqualsAndThreads) {
   SmallLayer small;
-  TempDir dir;
+  TempDir dir("kattn_run_test");
   small.writeAllFiles(dir);
   expectSuccess(runCli({"--config=" + dir.file("layer.json"),
                         "--weights=" + dir.file("weights.safetensors"),
@@ -527,7 +494,7 @@ TEST(KattnRun, ThreadCountDoesNotChangeResults) {
   SmallLayer small;
   small.config.use_causal_windowed = true;
   small.config.causal_chunk_length = 1;
-  TempDir dir;
+  TempDir dir("kattn_run_test");
   small.writeAllFiles(dir);
   std::string first;
   for (const char* threads : {"1", "3"}) {
@@ -541,7 +508,7 @@ TEST(KattnRun, ThreadCountDoesNotChangeResults) {
 }
 
 TEST(KattnRun, Help) {
-  TempDir dir;
+  TempDir dir("kattn_run_test");
   for (const char* flag : {"--help", "-h"}) {
     const RunResult r = runCli({"--output", "x", flag}, dir);
     EXPECT_EQ(r.code, 0);
@@ -555,7 +522,7 @@ TEST(KattnRun, Help) {
 // Command-line mistakes: exit code 2
 
 TEST(KattnRunUsage, Mistakes) {
-  TempDir dir;
+  TempDir dir("kattn_run_test");
   SmallLayer().writeAllFiles(dir);
   const auto base = baseArgs(dir, "float64");
   auto with = [&](std::initializer_list<std::string> extra) {
@@ -605,7 +572,7 @@ class KattnRunBadInput : public ::testing::Test {
   }
 
   SmallLayer m_small;
-  TempDir m_dir;
+  TempDir m_dir{"kattn_run_test"};
   std::string m_inputs;  // a valid in.safetensors
 };
 

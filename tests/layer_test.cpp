@@ -13,7 +13,7 @@
 
 #include <kattn/kattn.hpp>
 
-#include "reference.hpp"
+#include "test_support.hpp"
 
 namespace {
 
@@ -30,15 +30,7 @@ using kattn_test::ComboNames;
 using kattn_test::Combos;
 
 template <typename C>
-class LayerTest : public ::testing::Test {
- protected:
-  using Scalar = typename C::Scalar;
-  using Map = typename C::Map;
-  using Layer = kattn::KernelAttention<Scalar, Map>;
-  static constexpr double kTol = kattn_ref::tolerance<Scalar>();
-  static constexpr bool kExpType = kattn::feature_map_traits<Map>::max_shifted;
-  static std::string mapName() { return Map::name; }
-};
+class LayerTest : public kattn_test::ComboTest<C, kattn::Bidirectional> {};
 TYPED_TEST_SUITE(LayerTest, Combos, ComboNames);
 
 /// Options of a random bidirectional problem.

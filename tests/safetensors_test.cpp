@@ -19,6 +19,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "test_support.hpp"
+
 namespace {
 
 namespace fs = std::filesystem;
@@ -28,6 +30,8 @@ using kattn::io::DType;
 using kattn::io::SafeTensors;
 using kattn::io::SafeTensorsWriter;
 using Bytes = std::vector<std::uint8_t>;
+using kattn_test::TempDir;
+using kattn_test::writeAll;
 
 // ---------------------------------------------------------------------------------------
 // Helpers
@@ -87,31 +91,6 @@ void expectRuntimeError(F&& f, std::initializer_list<std::string> parts) {
 template <typename T>
 bool sameBits(const T* a, const T* b, Index count) {
   return count == 0 || std::memcmp(a, b, static_cast<std::size_t>(count) * sizeof(T)) == 0;
-}
-
-/// A temporary folder removed at the end of the test.
-class TempDir {
- public:
-  TempDir() {
-    m_path = fs::temp_directory_path() /
-             ("kattn_safetensors_test_" + std::to_string(std::random_device{}()));
-    fs::create_directories(m_path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(m_path, ec);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  std::string file(const std::string& name) const { return (m_path / name).string(); }
-
- private:
-  fs::path m_path;
-};
-
-void writeBytes(const std::string& path, const Bytes& bytes) {
-  std::ofstream out(path, std::ios::binary);
-  out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
 }
 
 /// Loads tensor `name` of `file` as Scalar with its own rank (1..5), returning the element
@@ -265,7 +244,7 @@ TYPED_TEST(SafeTensorsRoundTrip, RanksOneToFourAreBitExact) {
   };
   check(SafeTensors::parse(writer.bytes()));
 
-  TempDir dir;
+  TempDir dir("kattn_safetensors_test");
   const std::string path = dir.file("round.safetensors");
   writer.write(path);
   check(SafeTensors::load(path));
@@ -358,7 +337,7 @@ TEST(SafeTensorsWriter, RejectsBadNames) {
 }
 
 TEST(SafeTensorsWriter, WriteFailureNamesThePath) {
-  TempDir dir;
+  TempDir dir("kattn_safetensors_test");
   const std::string path = dir.file("no/such/dir/out.safetensors");
   expectRuntimeError([&] { SafeTensorsWriter().write(path); }, {"out.safetensors"});
 }
@@ -489,16 +468,16 @@ TEST(SafeTensorsMalformed, HeaderLengthBeyondFile) {
   expectParseError(makeFile(header, {}, std::uint64_t(1) << 62), {"exceeds"});
 
   // Through load(): a forged length must fail from the file size, before any allocation.
-  TempDir dir;
+  TempDir dir("kattn_safetensors_test");
   const std::string path = dir.file("forged.safetensors");
-  writeBytes(path, makeFile(header, {}, std::uint64_t(1) << 60));
+  writeAll(path, makeFile(header, {}, std::uint64_t(1) << 60));
   expectRuntimeError([&] { (void)SafeTensors::load(path); }, {"forged.safetensors", "exceeds"});
-  writeBytes(path, zeros(5));
+  writeAll(path, zeros(5));
   expectRuntimeError([&] { (void)SafeTensors::load(path); }, {"forged.safetensors", "shorter"});
 }
 
 TEST(SafeTensorsMalformed, LoadErrorsNameThePath) {
-  TempDir dir;
+  TempDir dir("kattn_safetensors_test");
   expectRuntimeError([&] { (void)SafeTensors::load(dir.file("absent.safetensors")); },
                      {"absent.safetensors"});
   expectRuntimeError([&] { (void)SafeTensors::load(dir.file("")); }, {"kattn_safetensors_test"});

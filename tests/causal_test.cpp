@@ -1,5 +1,5 @@
 // The whole-sequence pass of the causal windowed layer (layer.hpp with CausalWindowed,
-// detail/causal.hpp) against the float64 reference of tests/reference.hpp (explicit T x T
+// detail/causal_*.hpp) against the float64 reference of tests/reference.hpp (explicit T x T
 // weights): random problems, every padding, long sequences across the internal groups and
 // blocks, attend on the caller's heads, and masked key positions.
 #include <gtest/gtest.h>

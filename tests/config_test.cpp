@@ -327,4 +327,18 @@ TEST(TypedLayer, ConfigIsKeptAsGiven) {
   EXPECT_EQ(layer.numFeatures(), 8);
 }
 
+/// A typed layer takes its map's name from its type when the config leaves feature_transform at
+/// its default ("exp"), and refuses only another built-in name.
+TEST(LayerConfig, TypedLayerTakesItsMapNameWhenTheConfigLeavesTheDefault) {
+  const kattn::KernelAttention<float, kattn::Elu> elu(kattn::LayerConfig{});
+  EXPECT_EQ(elu.config().feature_transform, "elu");
+  const kattn::KernelAttention<double, kattn::Exp> exp(kattn::LayerConfig{});
+  EXPECT_EQ(exp.config().feature_transform, "exp");
+  kattn::LayerConfig relu;
+  relu.feature_transform = "relu";
+  EXPECT_THROW((kattn::KernelAttention<float, kattn::Elu>(relu)), std::invalid_argument);
+  relu.feature_transform = "no_such_map";
+  EXPECT_THROW((kattn::KernelAttention<float, kattn::Elu>(relu)), std::invalid_argument);
+}
+
 }  // namespace

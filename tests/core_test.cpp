@@ -10,6 +10,7 @@
 #include <cmath>
 #include <optional>
 #include <random>
+#include <string>
 #include <vector>
 
 #include <kattn/core.hpp>
@@ -89,13 +90,21 @@ std::vector<Index> cuts(Index T, Index unit, std::mt19937& gen) {
   return c;
 }
 
+/// Typed tests named by their map.
+struct MapNames {
+  template <typename T>
+  static std::string GetName(int) {
+    return T::name;
+  }
+};
+
 // ---- bidirectional ------------------------------------------------------------------------
 
 template <typename Map>
 class BidirectionalPieces : public ::testing::Test {};
 using PieceMaps = ::testing::Types<kattn::Elu, kattn::Relu, kattn::Square, kattn::Exp,
                                    kattn::ExpMod, kattn::Identity>;
-TYPED_TEST_SUITE(BidirectionalPieces, PieceMaps);
+TYPED_TEST_SUITE(BidirectionalPieces, PieceMaps, MapNames);
 
 TYPED_TEST(BidirectionalPieces, SummariesOfKeyPiecesCombineToTheWholePass) {
   using MapT = TypeParam;
@@ -208,7 +217,7 @@ template <typename Map>
 class CausalPieces : public ::testing::Test {};
 using StreamMaps = ::testing::Types<kattn::Elu, kattn::Relu, kattn::Square, kattn::Exp,
                                     kattn::ExpMod, kattn::Identity>;
-TYPED_TEST_SUITE(CausalPieces, StreamMaps);
+TYPED_TEST_SUITE(CausalPieces, StreamMaps, MapNames);
 
 /// Pieces of whole chunks, each fed from a fresh exact state; piece i then fed again from
 /// the combine of the states of the pieces before it: the heads equal the whole pass's, and

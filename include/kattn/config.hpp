@@ -187,4 +187,28 @@ struct LayerConfig {
   }
 };
 
+namespace detail {
+
+/// `config` for a layer whose map is named `map`: a config that leaves feature_transform at its
+/// default takes the map's name when the map is a built-in one; another built-in name is a
+/// contradiction and throws. A user map's name is not checked (it is none of these).
+inline LayerConfig configForMap(LayerConfig config, const std::string& map) {
+  auto builtin = [](const std::string& name) {
+    for (const char* n : kFeatureTransforms)
+      if (name == n) return true;
+    return false;
+  };
+  if (!builtin(map)) return config;
+  if (config.feature_transform == LayerConfig{}.feature_transform) {
+    config.feature_transform = map;
+  } else if (config.feature_transform != map && builtin(config.feature_transform)) {
+    throw std::invalid_argument("feature_transform: the config says \"" +
+                                config.feature_transform + "\" but the layer type uses \"" +
+                                map + "\"");
+  }
+  return config;
+}
+
+}  // namespace detail
+
 }  // namespace kattn

@@ -62,7 +62,7 @@ namespace detail {
 
 /// Writes z = x P^T (or x when there is no projection) into out.
 template <typename Scalar>
-void projectRows(const FeatureInput<Scalar>& in, FeatureBlock<Scalar> out) {
+void randomFeatureLogits(const FeatureInput<Scalar>& in, FeatureBlock<Scalar> out) {
   if (in.projection) {
     out.noalias() = in.x * in.projection->transpose();
   } else {
@@ -85,7 +85,7 @@ struct ElementwiseFeatureMap {
       out = Derived::template f<Scalar>(in.x.array()).matrix();  // one pass, no copy first
       return;
     }
-    projectRows(in, out);
+    randomFeatureLogits(in, out);
     const Scalar norm = featureNormaliser(in.projection);
     out = (Derived::template f<Scalar>(out.array()) * norm).matrix();
   }
@@ -148,7 +148,7 @@ struct MaxShiftedFeatureMap {
   /// z = x P^T (or x): the logits whose maximum the reference subtracts.
   template <typename Scalar>
   void logits(const FeatureInput<Scalar>& in, FeatureBlock<Scalar> out) const {
-    projectRows(in, out);
+    randomFeatureLogits(in, out);
   }
   /// Turns logits in place into features, with shift M. Output in [0, h(x)/sqrt(m)]:
   /// exp never overflows as long as M >= every logit of the block.
@@ -257,7 +257,7 @@ struct ExpPlus {
   /// u = c x P^T with c = d^(-1/4).
   template <typename Scalar>
   void logits(const FeatureInput<Scalar>& in, FeatureBlock<Scalar> out) const {
-    detail::projectRows(in, out);
+    detail::randomFeatureLogits(in, out);
     out *= Scalar(1) / std::sqrt(std::sqrt(Scalar(in.x.cols())));
   }
 

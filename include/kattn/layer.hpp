@@ -74,19 +74,11 @@ class KernelAttention {
   /// A config that leaves feature_transform at its default ("exp") takes the map's name;
   /// another built-in name than the map's is a contradiction and throws.
   explicit KernelAttention(const LayerConfig& config)
-      : m_config(withMapName(config)), m_masking((m_config.validate(), Masking::fromConfig(config))) {
-    m_dims = detail::HeadDims{config.num_heads, config.key_dim, config.resolvedValueDim()};
-    m_scale = config.resolvedScale();
-    if (config.hasProjection()) {
-      checkAllocation("the projection [num_random_features, key_dim] = [" +
-                          std::to_string(config.num_random_features) + ", " +
-                          std::to_string(config.key_dim) + "]",
-                      double(config.num_random_features) * double(config.key_dim),
-                      sizeof(Scalar));
-      m_projection = randomProjection<Scalar>(config.num_random_features, config.key_dim,
-                                              config.seed);
-    }
-  }
+      : m_config(detail::configForMap(config, FeatureMap::name)),
+        m_masking((m_config.validate(), Masking::fromConfig(config))),
+        m_dims{config.num_heads, config.key_dim, config.resolvedValueDim()},
+        m_scale(config.resolvedScale()),
+        m_projection(detail::layerProjection<Scalar>(config)) {}
 
   const LayerConfig& config() const { return m_config; }
   const Masking& masking() const { return m_masking; }
@@ -285,26 +277,6 @@ class KernelAttention {
                   "This feature map uses whole-sequence statistics (expplus) and cannot stream.");
   }
 
-  /// `config` with the map's name where it leaves feature_transform at its default; throws
-  /// when it names another built-in map.
-  static LayerConfig withMapName(LayerConfig config) {
-    bool builtin = false;
-    for (const char* n : kFeatureTransforms) builtin = builtin || std::string(n) == FeatureMap::name;
-    if (!builtin) return config;
-    if (config.feature_transform == LayerConfig{}.feature_transform) {
-      config.feature_transform = FeatureMap::name;
-    } else if (config.feature_transform != FeatureMap::name) {
-      bool known = false;
-      for (const char* n : kFeatureTransforms) known = known || config.feature_transform == n;
-      if (known) {
-        throw std::invalid_argument("feature_transform: the config says \"" +
-                                    config.feature_transform + "\" but the layer type uses \"" +
-                                    FeatureMap::name + "\"");
-      }
-    }
-    return config;
-  }
-
   /// Keras's lazy build: the first forward of a layer without weights draws them from the
   /// initializers for its inputs' dims (once, whichever thread gets there first).
   void buildOnFirstCall(Index query_dim, Index value_dim, Index key_dim) const {
@@ -355,14 +327,10 @@ class KernelAttention {
                                   const std::optional<ConstTensorMap<Scalar, 3>>& key,
                                   const std::optional<ConstTensorMap<Scalar, 2>>& mask,
                                   const TensorMap<Scalar, 3>& output) const {
-    const Index B = query.dimension(0), T = query.dimension(1), S = value.dimension(1);
-    detail::checkInputs<Scalar>(query, value, key, mask, Masking::causal, queryInputDim(),
-                                valueInputDim(), keyInputDim());
-    checkShape<3>("output", output.dimensions(), {B, T, m_out_dim});
-    const detail::CallInputs<Scalar> in{detail::RowSource::Projections, B, T, S,
-                                        mask ? mask->data() : nullptr, query, value,
-                                        key ? *key : value};
-    return newPass(in, output);
+    checkShape<3>("output", output.dimensions(), {query.dimension(0), query.dimension(1), m_out_dim});
+    return newPass(detail::inputsCall<Scalar>(query, value, key, mask, Masking::causal,
+                                              queryInputDim(), valueInputDim(), keyInputDim()),
+                   output);
   }
 
   /// The call of attend() after its boundary checks.
@@ -371,17 +339,9 @@ class KernelAttention {
                                  const ConstTensorMap<Scalar, 4>& v,
                                  const std::optional<ConstTensorMap<Scalar, 2>>& mask,
                                  const TensorMap<Scalar, 4>& heads) const {
-    detail::checkHeads<Scalar>(q, k, v, mask, heads, m_dims, Masking::causal);
-    detail::CallInputs<Scalar> in;
-    in.source = detail::RowSource::Heads;
-    in.B = q.dimension(0);
-    in.T = q.dimension(1);
-    in.S = k.dimension(1);
-    in.mask = mask ? mask->data() : nullptr;
-    in.q_heads = q.data();
-    in.k_heads = k.data();
-    in.v_heads = v.data();
-    detail::Pass<Scalar> pass = newPass(in, TensorMap<Scalar, 3>(nullptr, 0, 0, 0));
+    detail::Pass<Scalar> pass = newPass(
+        detail::headsCall<Scalar>(q, k, v, mask, heads, m_dims, Masking::causal),
+        TensorMap<Scalar, 3>(nullptr, 0, 0, 0));
     pass.sink = detail::HeadsSink::Caller;
     pass.heads_out = heads.data();
     return pass;
@@ -464,16 +424,7 @@ void KernelAttention<Scalar, FeatureMap, Masking>::run(detail::Pass<Scalar> pass
   const bool random_call = training && (m_config.dropout > 0 || m_config.redraw);
   const std::uint64_t call = random_call ? m_training_calls.value.fetch_add(1) : 0;
   Mat redrawn;
-  pass.projection = nullptr;
-  if (m_config.hasProjection()) {
-    if (training && m_config.redraw) {
-      redrawn = redrawProjection<Scalar>(m_config.num_random_features, m_dims.key_dim,
-                                         m_config.seed, call);
-      pass.projection = &redrawn;
-    } else {
-      pass.projection = &m_projection;
-    }
-  }
+  pass.projection = detail::callProjection(m_config, m_projection, training, call, redrawn);
   pass.dropout = detail::Dropout{m_config.dropout, m_config.seed, call,
                                  training && m_config.dropout > 0};
   if (pass.in.B == 0 || pass.in.T == 0) return;

@@ -22,6 +22,7 @@
 #include <Eigen/QR>
 
 #include "kattn/config.hpp"
+#include "kattn/limits.hpp"
 #include "kattn/random/philox.hpp"
 #include "kattn/tensor.hpp"
 
@@ -193,5 +194,32 @@ Matrix<Scalar> redrawProjection(Index m, Index d, std::int64_t seed, std::uint64
       random::statelessFoldIn(base, static_cast<std::int32_t>(k + 1));
   return createProjectionMatrix<Scalar>(m, d, redrawSeed);
 }
+
+namespace detail {
+
+/// A layer's projection from `config`: the reference's, drawn from config.seed, or empty
+/// without one. \throws MemoryLimitError past the memory limit.
+template <typename Scalar>
+Matrix<Scalar> layerProjection(const LayerConfig& config) {
+  if (!config.hasProjection()) return Matrix<Scalar>();
+  checkAllocation("the projection [num_random_features, key_dim] = [" +
+                      std::to_string(config.num_random_features) + ", " +
+                      std::to_string(config.key_dim) + "]",
+                  double(config.num_random_features) * double(config.key_dim), sizeof(Scalar));
+  return randomProjection<Scalar>(config.num_random_features, config.key_dim, config.seed);
+}
+
+/// The projection of one call: none, the layer's `P`, or in training with redraw the
+/// `call`-th redraw (into `redrawn`, which must outlive the call).
+template <typename Scalar>
+const Matrix<Scalar>* callProjection(const LayerConfig& config, const Matrix<Scalar>& P,
+                                     bool training, std::uint64_t call, Matrix<Scalar>& redrawn) {
+  if (!config.hasProjection()) return nullptr;
+  if (!(training && config.redraw)) return &P;
+  redrawn = redrawProjection<Scalar>(config.num_random_features, config.key_dim, config.seed, call);
+  return &redrawn;
+}
+
+}  // namespace detail
 
 }  // namespace kattn

@@ -25,9 +25,8 @@ using Block = FeatureBlock<Scalar>;
 
 /// Asks for the cache lines of `n` numbers from `p` ahead of their use, for walks over one
 /// head's rows inside rows of all heads (d numbers, then a jump of N d), which the hardware
-/// prefetchers follow poorly: the causal pass's relu features of one head (kattn_bench W3)
-/// spent most of their time waiting on those loads, at about 8 GB/s where a plain read of
-/// the same memory runs at 19.
+/// prefetchers follow poorly: without it the causal pass's relu features of one head waited
+/// on those loads most of their time (benchmarks/README.md).
 template <typename Scalar>
 inline void prefetchRow(const Scalar* p, Index n) {
 #if defined(__GNUC__)
@@ -73,9 +72,8 @@ void explicitAttention(const ConstBlock<Scalar>& qf, const ConstBlock<Scalar>& k
 }
 
 /// How much fewer multiply-adds the explicit form must need to be chosen: its T x S matrix
-/// and row-wise passes run at a lower rate than the low-rank form's products (kattn_bench's
-/// W1 and W2 explicit and lowrank benchmarks: at equal counts the explicit form took 1.0-2.1x
-/// as long, at 0.6x the count about as long).
+/// and row-wise passes run at a lower rate than the low-rank form's products (measured with
+/// kattn_bench's W1 and W2 forced forms; benchmarks/README.md).
 inline constexpr double kExplicitAdvantage = 0.5;
 
 /// Multiply-adds of each form, the explicit one weighted by kExplicitAdvantage: it wins only

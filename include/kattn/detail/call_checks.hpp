@@ -16,10 +16,10 @@
 namespace kattn {
 namespace detail {
 
-/// forward()'s inputs: query [B, T, D_q], value [B, S, D_v], key [B, S, D_k] or absent (the
-/// value input is then the key input), mask [B, S]; a causal layer needs S = T.
+/// forward()'s inputs, checked: query [B, T, D_q], value [B, S, D_v], key [B, S, D_k] or absent
+/// (the value input is then the key input), mask [B, S]; a causal layer needs S = T.
 template <typename Scalar>
-void checkInputs(const ConstTensorMap<Scalar, 3>& query, const ConstTensorMap<Scalar, 3>& value,
+CallInputs<Scalar> inputsCall(const ConstTensorMap<Scalar, 3>& query, const ConstTensorMap<Scalar, 3>& value,
                  const std::optional<ConstTensorMap<Scalar, 3>>& key,
                  const std::optional<ConstTensorMap<Scalar, 2>>& mask, bool causal, Index Dq,
                  Index Dv, Index Dk) {
@@ -38,12 +38,16 @@ void checkInputs(const ConstTensorMap<Scalar, 3>& query, const ConstTensorMap<Sc
     throw std::invalid_argument("value: causal attention needs as many keys as queries (T = " +
                                 std::to_string(T) + "), got S = " + std::to_string(S));
   }
+  // Aggregate initialisation: Eigen's TensorMap assigns element by element, so the maps are
+  // bound here, never assigned.
+  return CallInputs<Scalar>{RowSource::Projections, B, T, S, mask ? mask->data() : nullptr,
+                            query, value, key ? *key : value};
 }
 
-/// attend()'s heads: q [B, T, N, d], k [B, S, N, d], v [B, S, N, d_v], mask [B, S], and the
-/// output heads [B, T, N, d_v]; a causal layer needs S = T.
+/// attend()'s heads, checked: q [B, T, N, d], k [B, S, N, d], v [B, S, N, d_v], mask [B, S],
+/// and the output heads [B, T, N, d_v]; a causal layer needs S = T.
 template <typename Scalar>
-void checkHeads(const ConstTensorMap<Scalar, 4>& q, const ConstTensorMap<Scalar, 4>& k,
+CallInputs<Scalar> headsCall(const ConstTensorMap<Scalar, 4>& q, const ConstTensorMap<Scalar, 4>& k,
                 const ConstTensorMap<Scalar, 4>& v,
                 const std::optional<ConstTensorMap<Scalar, 2>>& mask,
                 const TensorMap<Scalar, 4>& heads, const HeadDims& dims, bool causal) {
@@ -57,6 +61,16 @@ void checkHeads(const ConstTensorMap<Scalar, 4>& q, const ConstTensorMap<Scalar,
     throw std::invalid_argument("k: causal attention needs as many keys as queries (T = " +
                                 std::to_string(T) + "), got S = " + std::to_string(S));
   }
+  CallInputs<Scalar> in;
+  in.source = RowSource::Heads;
+  in.B = B;
+  in.T = T;
+  in.S = S;
+  in.mask = mask ? mask->data() : nullptr;
+  in.q_heads = q.data();
+  in.k_heads = k.data();
+  in.v_heads = v.data();
+  return in;
 }
 
 /// Per batch row scale s_b (SPEC 1.2): `scale`, or with scale_by_length

@@ -25,7 +25,7 @@ bool allFiniteFast(const Eigen::MatrixBase<Derived>& m) {
 /// Rows per group in the fixed-window regime with chunks longer than one row: whole chunks,
 /// about 16 rows. A group costs 2 F d_v per row in state products and L (F + d_v) in its masked
 /// intra-group products, so small groups waste less, as long as the products stay large enough
-/// to run fast (docs/benchmarks.md has the group sizes measured).
+/// to run fast (benchmarks/README.md has the group sizes measured).
 inline Index groupRows(Index chunk) {
   const Index target = 16;
   return chunk >= target ? chunk : chunk * ((target + chunk - 1) / chunk);

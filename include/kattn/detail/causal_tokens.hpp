@@ -96,13 +96,13 @@ void causalTokenPanel(Scalar gamma, Matrix<Scalar>& kv, const Scalar* q, const S
   }
   // a = (gamma q'S + (q'.k') v) / den, a division as in causalTokenBlockPanel.
   const Packet s = pset1<Packet>(self), d = pset1<Packet>(den);
-  auto emit = [&](Index j, const Packet& e, const Packet& o, const Packet& vp) {
+  auto storeOut = [&](Index j, const Packet& e, const Packet& o, const Packet& vp) {
     pstoreu(out + c0 + j * N, pdiv(pmadd(g, padd(e, o), pmul(s, vp)), d));
   };
-  emit(0, e0, o0, v0);
-  emit(1, e1, o1, v1);
-  emit(2, e2, o2, v2);
-  emit(3, e3, o3, v3);
+  storeOut(0, e0, o0, v0);
+  storeOut(1, e1, o1, v1);
+  storeOut(2, e2, o2, v2);
+  storeOut(3, e3, o3, v3);
 }
 
 /// causalTokenPanel on the last columns [c0, d_v) when they are fewer than kTokenPanel.
@@ -221,13 +221,13 @@ void causalTokenBlockPanel(const TokenBlock<Scalar>& b, Matrix<Scalar>& kv, Inde
   const auto& s = b.s;
   // A division, not a product with 1 / den: den may be tiny where the map's features can
   // be negative (identity), and 1 / den would overflow where the quotient does not.
-  auto emit = [&](int l, const Packet& a, const Packet& own) {
+  auto storeOut = [&](int l, const Packet& a, const Packet& own) {
     pstoreu(out[l] + c0, pdiv(pmadd(splat(b.g_out[l]), a, own), splat(b.den[l])));
   };
-  emit(0, a0, pmul(splat(s[0][0]), v0));
-  emit(1, a1, pmadd(splat(s[1][1]), v1, pmul(splat(s[1][0]), v0)));
-  emit(2, a2, pmadd(splat(s[2][2]), v2, pmadd(splat(s[2][1]), v1, pmul(splat(s[2][0]), v0))));
-  emit(3, a3,
+  storeOut(0, a0, pmul(splat(s[0][0]), v0));
+  storeOut(1, a1, pmadd(splat(s[1][1]), v1, pmul(splat(s[1][0]), v0)));
+  storeOut(2, a2, pmadd(splat(s[2][2]), v2, pmadd(splat(s[2][1]), v1, pmul(splat(s[2][0]), v0))));
+  storeOut(3, a3,
        pmadd(splat(s[3][3]), v3,
              pmadd(splat(s[3][2]), v2, pmadd(splat(s[3][1]), v1, pmul(splat(s[3][0]), v0)))));
 }

@@ -84,11 +84,80 @@ void accumulateKeys(const Map& map, const Pass<Scalar>& pass, Index b, Index n, 
   }
 }
 
+/// The key sums of one batch row in a low-rank pass: partial sums of key group g of head n at
+/// n G + g (G = groups), each relative to its own running shift (exp maps); after
+/// lowRankKeys a head's total and shift are at n G.
+template <typename Scalar>
+struct KeyGroupSums {
+  Index groups = 1;
+  std::vector<Matrix<Scalar>> kv;
+  std::vector<Vector<Scalar>> z;
+  std::vector<Scalar> shift;
+
+  /// Adds head n's groups into its first, in group order, each brought to their common
+  /// maximum (exp maps). Non-finite logits leave the shifts alone, so NaN and Inf still reach
+  /// every output, as in one running sum.
+  void addGroups(Index n, bool shifted) {
+    const std::size_t h0 = std::size_t(n * groups);
+    Scalar M = -std::numeric_limits<Scalar>::infinity();
+    if (shifted) {
+      for (Index g = 0; g < groups; ++g) M = std::max(M, shift[h0 + std::size_t(g)]);
+    }
+    auto weight = [&](std::size_t i) {
+      return shifted && std::isfinite(M) && std::isfinite(shift[i]) ? std::exp(shift[i] - M)
+                                                                     : Scalar(1);
+    };
+    const Scalar c0 = weight(h0);
+    if (c0 != Scalar(1)) {
+      kv[h0] *= c0;
+      z[h0] *= c0;
+    }
+    for (Index g = 1; g < groups; ++g) {
+      const std::size_t i = h0 + std::size_t(g);
+      const Scalar c = weight(i);
+      kv[h0].noalias() += c * kv[i];
+      z[h0].noalias() += c * z[i];
+    }
+    if (shifted) shift[h0] = M;
+  }
+};
+
+/// The key pass of a low-rank pass over batch row b: keyGroups(S) groups of whole key blocks
+/// per head, one task each, added per head in group order by the last of its groups to finish
+/// (a function of S alone, like the summation order it fixes).
+template <typename Map, typename Scalar>
+KeyGroupSums<Scalar> lowRankKeys(const Map& map, const Pass<Scalar>& pass, Index b, Scalar r,
+                                 const ThreadPool* pool) {
+  const Index N = pass.dims.heads, S = pass.in.S, L = kStreamRows;
+  const Index G = keyGroups(S), k_blocks = (S + L - 1) / L;
+  KeyGroupSums<Scalar> sums;
+  sums.groups = G;
+  sums.kv.resize(std::size_t(N * G));
+  sums.z.resize(sums.kv.size());
+  sums.shift.assign(sums.kv.size(), -std::numeric_limits<Scalar>::infinity());
+  const auto groups_left = std::make_unique<std::atomic<Index>[]>(std::size_t(N));
+  for (Index n = 0; n < N; ++n) groups_left[std::size_t(n)] = G;
+  forEach(N * G, pool, [&](Index task) {
+    const Index n = task / G, g = task % G;
+    const std::size_t h = static_cast<std::size_t>(task);
+    Workspace<Scalar> ws(*pass.workspaces);
+    sums.kv[h].setZero(pass.features(), pass.dims.value_dim);
+    sums.z[h].setZero(pass.features());
+    const Index first = g * k_blocks / G * L, last = std::min(S, (g + 1) * k_blocks / G * L);
+    accumulateKeys(map, pass, b, n, first, last, r, sums.kv[h], sums.z[h], sums.shift[h], *ws);
+    // The last group of a head to finish adds them up; acq_rel makes the others' sums
+    // visible to it.
+    if (G > 1 && groups_left[std::size_t(n)].fetch_sub(1, std::memory_order_acq_rel) == 1) {
+      sums.addGroups(n, feature_map_traits<Map>::max_shifted);
+    }
+  });
+  return sums;
+}
+
 /**
  * SPEC 3.2 in the low-rank form without materialising any sequence-long feature matrix:
- * per head, passes over key blocks accumulate KV and z in up to kKeyGroups partial sums
- * (one task each), the partials are added in a fixed order, and one task per head and query
- * block reads them out into heads [Tq, N d_v].
+ * lowRankKeys sums the keys per head, then one task per head and query block reads the sums
+ * out into heads [Tq, N d_v].
  *
  * The exp maps' reference shift (the largest logit over the whole batch row and all heads)
  * only matters through the eps of the normaliser: with features computed under any shifts
@@ -102,102 +171,47 @@ void lowRankPass(const Map& map, const Pass<Scalar>& pass, Index b, Index q0, In
                  Eigen::Ref<Matrix<Scalar>> heads, const ThreadPool* pool) {
   using Mat = Matrix<Scalar>;
   using Blk = FeatureBlock<Scalar>;
-  const CallInputs<Scalar>& in = pass.in;
-  const Mat* P = pass.projection;
   constexpr bool shifted = feature_map_traits<Map>::max_shifted;
   const Index N = pass.dims.heads, dv = pass.dims.value_dim, F = pass.features(), Tq = q1 - q0;
-  const Index S = in.S, L = kStreamRows;
-  const Scalar r = std::sqrt(sb);
-  const Scalar eps = Scalar(kNormaliserEps);
-  const Scalar minus_inf = -std::numeric_limits<Scalar>::infinity();
-  const Index G = keyGroups(S), k_blocks = (S + L - 1) / L;
-  // Partial sums of group g of head n at n G + g; the head's total ends up at n G.
-  std::vector<Mat> kv(static_cast<std::size_t>(N * G));
-  std::vector<Vector<Scalar>> z(kv.size());
-  std::vector<Scalar> mk(kv.size(), minus_inf);
-  const auto groups_left = std::make_unique<std::atomic<Index>[]>(std::size_t(N));
-  for (Index n = 0; n < N; ++n) groups_left[std::size_t(n)] = G;
-  const Index q_blocks = (Tq + L - 1) / L;
-  Mat den(shifted ? Tq : 0, N);             // q'z per (row, head), exp maps only
-  Mat mq(shifted ? q_blocks : 0, N);        // shift of each query block and head
-
-  // Adds head n's groups into its first, in group order, each brought to their common
-  // maximum (exp maps). Non-finite logits leave the shifts alone, so NaN and Inf still reach
-  // every output, as in one running sum.
-  auto addGroups = [&](Index n) {
-    const std::size_t h0 = std::size_t(n * G);
-    Scalar M = minus_inf;
-    if constexpr (shifted) {
-      for (Index g = 0; g < G; ++g) M = std::max(M, mk[h0 + std::size_t(g)]);
-    }
-    auto weight = [&](std::size_t i) {
-      return shifted && std::isfinite(M) && std::isfinite(mk[i]) ? std::exp(mk[i] - M)
-                                                                 : Scalar(1);
-    };
-    const Scalar c0 = weight(h0);
-    if (c0 != Scalar(1)) {
-      kv[h0] *= c0;
-      z[h0] *= c0;
-    }
-    for (Index g = 1; g < G; ++g) {
-      const std::size_t i = h0 + std::size_t(g);
-      const Scalar c = weight(i);
-      kv[h0].noalias() += c * kv[i];
-      z[h0].noalias() += c * z[i];
-    }
-    if constexpr (shifted) mk[h0] = M;
-  };
-
-  forEach(N * G, pool, [&](Index task) {
-    const Index n = task / G, g = task % G;
-    const std::size_t h = static_cast<std::size_t>(task);
-    Workspace<Scalar> ws(*pass.workspaces);
-    kv[h].setZero(F, dv);
-    z[h].setZero(F);
-    const Index first = g * k_blocks / G * L, last = std::min(S, (g + 1) * k_blocks / G * L);
-    accumulateKeys(map, pass, b, n, first, last, r, kv[h], z[h], mk[h], *ws);
-    // The last group of a head to finish adds them up; acq_rel makes the others' sums
-    // visible to it.
-    if (G > 1 && groups_left[std::size_t(n)].fetch_sub(1, std::memory_order_acq_rel) == 1) {
-      addGroups(n);
-    }
-  });
-
+  const Index L = kStreamRows, q_blocks = (Tq + L - 1) / L;
+  const Scalar r = std::sqrt(sb), eps = Scalar(kNormaliserEps);
+  const KeyGroupSums<Scalar> sums = lowRankKeys(map, pass, b, r, pool);
+  const Index G = sums.groups;
+  Mat den(shifted ? Tq : 0, N);       // q'z per (row, head), exp maps only
+  Mat mq(shifted ? q_blocks : 0, N);  // shift of each query block and head
   forEach(N * q_blocks, pool, [&](Index task) {
     const Index n = task / q_blocks, j = task % q_blocks, t0 = j * L;
     const std::size_t h = static_cast<std::size_t>(n * G);
     Workspace<Scalar> ws(*pass.workspaces);
-    Mat& x = ws->x;
     Mat& f = ws->f;
     const Index len = std::min(L, Tq - t0);
-    pass.headRows(Side::Query, b, n, q0 + t0, len, r, x);
+    pass.headRows(Side::Query, b, n, q0 + t0, len, r, ws->x);
     f.resize(len, F);
-    const FeatureInput<Scalar> fin{x, P, true};
+    const FeatureInput<Scalar> fin{ws->x, pass.projection, true};
     auto out = heads.block(t0, n * dv, len, dv);
     if constexpr (shifted) {
       map.logits(fin, Blk(f));
       const Scalar m = f.maxCoeff();
       mq(j, n) = m;
       map.finish(fin, Blk(f), m);
-      out.noalias() = f * kv[h];
-      den.block(t0, n, len, 1).noalias() = f * z[h];
+      out.noalias() = f * sums.kv[h];
+      den.block(t0, n, len, 1).noalias() = f * sums.z[h];
     } else {
       map(fin, Blk(f));
-      out.noalias() = f * kv[h];
+      out.noalias() = f * sums.kv[h];
       Vector<Scalar>& d = ws->d;
-      d.noalias() = f * z[h];
+      d.noalias() = f * sums.z[h];
       for (Index t = 0; t < len; ++t) out.row(t) /= d(t) + eps;
     }
   });
-
   if constexpr (shifted) {
-    Scalar Mk = minus_inf;
-    for (Index n = 0; n < N; ++n) Mk = std::max(Mk, mk[std::size_t(n * G)]);
+    Scalar Mk = -std::numeric_limits<Scalar>::infinity();
+    for (Index n = 0; n < N; ++n) Mk = std::max(Mk, sums.shift[std::size_t(n * G)]);
     const Scalar Mq = Tq ? mq.maxCoeff() : Scalar(0);
     Mat eps_eff(q_blocks, N);  // eps e^(Mq - mq) e^(Mk - mk): underflowing features give 0,
     for (Index j = 0; j < q_blocks; ++j)   // as in the reference
       for (Index n = 0; n < N; ++n) {
-        const Scalar mkn = mk[std::size_t(n * G)];
+        const Scalar mkn = sums.shift[std::size_t(n * G)];
         const Scalar key_part = std::isfinite(mkn) ? Mk - mkn : 0;
         eps_eff(j, n) = eps * std::exp(Mq - mq(j, n) + key_part);
       }
@@ -208,7 +222,6 @@ void lowRankPass(const Map& map, const Pass<Scalar>& pass, Index b, Index q0, In
     });
   }
 }
-
 
 }  // namespace detail
 }  // namespace kattn

@@ -46,7 +46,7 @@ void forRowSlices(Index L, const ThreadPool* pool, const Fn& fn) {
  * h + 1, ... (h = ceil(N / 2)), so that the heads that run at the same time are far apart,
  * for the causal passes' head tasks. Neighbouring heads write neighbouring columns of the
  * same rows of the output and keep neighbouring states; run side by side on two cores they
- * slow each other down (docs/benchmarks.md), while the same pass in two processes at once
+ * slow each other down (benchmarks/README.md), while the same pass in two processes at once
  * runs at full speed in each. The bidirectional explicit form's head tasks did not gain, so
  * they keep the head order.
  */

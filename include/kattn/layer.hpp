@@ -139,6 +139,29 @@ class KernelAttention {
   /// default, lets the cost model pick. Both forms compute the same function.
   void setCoreForm(CoreForm form) { m_form = form; }
 
+  /**
+   * \brief The working memory, in bytes, that a forward over B rows of T queries and S keys
+   * holds beyond its inputs and output (attend into caller memory with `heads_given`), on this
+   * layer's pool: the sum of the parts that the memory limit checks one by one.
+   * \throws std::invalid_argument where forward would (a causal T that breaks its chunks).
+   */
+  double workingBytes(Index B, Index T, Index S, bool heads_given = false) const {
+    detail::Pass<Scalar> pass = budgetPass(B, T, S, heads_given);
+    if constexpr (Masking::causal) {
+      return Core::budget(pass, m_masking).bytes();
+    } else {
+      return Core::budget(pass, m_config.begin_kernel, m_config.is_short_seq).bytes();
+    }
+  }
+
+  /// workingBytes of a streaming call of T tokens with `state` (causal layers).
+  double workingBytes(const StreamingState<Scalar>& state, Index T, bool heads_given = false) const {
+    requireStreaming();
+    detail::Pass<Scalar> pass = budgetPass(state.batch(), T, T, heads_given);
+    using Streaming = detail::StreamingCore<Scalar, FeatureMap>;
+    return Streaming::budget(state, pass, Streaming::callParams(state, T)).bytes();
+  }
+
   /// D_q, D_v, D_k expected by forward (after setWeights).
   Index queryInputDim() const { return m_weights.query_kernel.dimension(0); }
   Index valueInputDim() const { return m_weights.value_kernel.dimension(0); }
@@ -344,6 +367,19 @@ class KernelAttention {
         TensorMap<Scalar, 3>(nullptr, 0, 0, 0));
     pass.sink = detail::HeadsSink::Caller;
     pass.heads_out = heads.data();
+    return pass;
+  }
+
+  /// A call of these sizes without data, for workingBytes.
+  detail::Pass<Scalar> budgetPass(Index B, Index T, Index S, bool heads_given) const {
+    const auto source = heads_given ? detail::RowSource::Heads : detail::RowSource::Projections;
+    const ConstTensorMap<Scalar, 3> query(nullptr, B, T, queryInputDim());
+    detail::Pass<Scalar> pass =
+        newPass(detail::CallInputs<Scalar>{source, B, T, S, nullptr, query, query, query},
+                TensorMap<Scalar, 3>(nullptr, 0, 0, 0));
+    if (heads_given) pass.sink = detail::HeadsSink::Caller;
+    pass.projection = m_config.hasProjection() ? &m_projection : nullptr;
+    pass.scales.assign(std::size_t(B), Scalar(m_scale));
     return pass;
   }
 

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <optional>
 #include <vector>
 
@@ -35,9 +36,74 @@ struct BidirectionalCore {
                : pass.form == CoreForm::Explicit;
   }
 
+  /**
+   * The working memory of a call: its parts run one after the other, so the larger of
+   * theirs. A quadratic part (the short path's softmax, the explicit form) holds a [T, S]
+   * score matrix and a normaliser per thread, and a batch row's projections, features and
+   * heads per row in flight (expplus: the whole batch's); the low-rank form holds the key sums
+   * of each head's groups, the heads when they do not go straight to the caller, the exp
+   * maps' normalisers, and a block of rows, values and features per thread.
+   */
+  static Budget budget(const Pass<Scalar>& pass, Index begin_kernel, bool is_short_seq) {
+    const Index K = std::min<Index>(begin_kernel, pass.in.T);
+    Budget b(sizeof(Scalar));
+    if (K > 0) b = partBudget(pass, K, true, false, false);
+    if (K < pass.in.T) {
+      constexpr bool pair = feature_map_traits<FeatureMap>::pair_statistics;
+      constexpr bool shifted = feature_map_traits<FeatureMap>::max_shifted;
+      b = Budget::sequence(b, partBudget(pass, pass.in.T - K, is_short_seq,
+                                         pair && pass.projection, shifted));
+    }
+    return b;
+  }
+
+  /// The working memory of a part of Tq queries (budget).
+  static Budget partBudget(const Pass<Scalar>& pass, Index Tq, bool short_path, bool pair,
+                           bool shifted) {
+    const double N = double(pass.dims.heads), d = double(pass.dims.key_dim);
+    const double dv = double(pass.dims.value_dim), F = double(pass.features());
+    const double T = double(Tq), S = double(pass.in.S);
+    const Index keys = pass.in.S;
+    const Concurrency at_once = concurrencyOf(pass.pool, pass.flops(), pass.in.B);
+    const bool quadratic = short_path || usesExplicit(pass, Tq);
+    Budget b(sizeof(Scalar));
+    if (pass.in.S == 0) return b.add(at_once.rows * T * N * dv);
+    if (quadratic) {
+      b.add(at_once.threads * T * (S + 1), [=] {
+        return std::string(short_path ? "the short-sequence path's" : "the explicit form's") +
+               " attention matrices [T, S] = [" + std::to_string(Tq) + ", " +
+               std::to_string(keys) + "], one per thread";
+      });
+    }
+    auto describe = [=] {
+      return "the working buffers of " + std::to_string(Tq) + " queries and " +
+             std::to_string(keys) + " keys";
+    };
+    if (quadratic || pair) {
+      // Per thread, the largest product in flight: the features' projection, the scores, and
+      // the scores (or, for the low-rank form of a whole row, the key sums) times the values.
+      const double product =
+          std::max({pass.projection ? gemmPacking(std::max(T, S), d, F) : 0.0,
+                    quadratic ? std::max(gemmPacking(T, F, S), gemmPacking(T, S, dv))
+                              : std::max(gemmPacking(F, S, dv), gemmPacking(T, F, dv)),
+                    densePacking(pass)});
+      const double rows = pair ? double(pass.in.B) : at_once.rows;
+      return b.add(rows * (T + S) * N * (d + F + dv), describe).add(at_once.threads * product);
+    }
+    const double L = double(kStreamRows), G = double(keyGroups(pass.in.S));
+    const bool own_heads = pass.sink != HeadsSink::Caller || pass.dropout.active;
+    const double per_row = (own_heads ? T * N * dv : 0.0) + N * G * F * (dv + 1) +
+                           (shifted ? T * N + 2 * std::ceil(T / L) * N : 0.0);
+    const double product = std::max({gemmPacking(L, d, F), gemmPacking(F, L, dv), densePacking(pass)});
+    return b.add(at_once.rows * per_row + at_once.threads * L * (d + dv + F + 1), describe)
+        .add(at_once.threads * product);
+  }
+
   /// The whole call: query rows [0, K) by begin_kernel's softmax part (identity features,
   /// its own output projection and dropout stream), the rest by the configured map.
   static void run(const Pass<Scalar>& pass, Index begin_kernel, bool is_short_seq) {
+    // Refuse before any buffer exists (tasks on the pool must not throw).
+    budget(pass, begin_kernel, is_short_seq).check();
     const Weights<Scalar>* w = pass.weights;
     const Index K = std::min<Index>(begin_kernel, pass.in.T);
     if (K > 0) {
@@ -59,10 +125,6 @@ struct BidirectionalCore {
     constexpr bool pair = feature_map_traits<Map>::pair_statistics;
     const Mat* P = pass.projection;
     const bool quadratic = short_path || usesExplicit(pass, q1 - q0);
-    // Refuse before any buffer exists (tasks on the pool must not throw).
-    bidirectionalBudget<Scalar>(pass, q1 - q0, short_path, quadratic, pair && P, kStreamRows,
-                                keyGroups(pass.in.S))
-        .check();
     auto finish = [&](RowWork<Scalar>& w, Index b, const ThreadPool* inner) {
       if (pass.dropout.active) pass.dropout.apply(w.heads, out.stream, b, q0);
       pass.deliver(w.heads, b, q0, out, inner);

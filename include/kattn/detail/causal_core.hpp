@@ -188,6 +188,99 @@ struct CausalCore {
     pass.deliver(w.heads, b, r0, out, inner);
   }
 
+  /// Whether the whole pass writes every head straight into the caller's heads, in one block
+  /// per batch row: a block bounds the memory of its projections and heads, and attend into
+  /// caller memory has neither, so one pass of the pool per row, not one per block with every
+  /// thread waiting at each block's end for the slowest head.
+  static bool inPlace(const Pass<Scalar>& pass) {
+    return !Traits::max_shifted && pass.in.givenHeads() && pass.sink == HeadsSink::Caller &&
+           !pass.dropout.active;
+  }
+
+  /// Rows of the whole pass's blocks over T positions with `lead` padding rows first.
+  static Index passBlockRows(const Pass<Scalar>& pass, Index C, Index T, Index lead) {
+    return inPlace(pass) ? std::max(blockRows(C), (T + lead + C - 1) / C * C) : blockRows(C);
+  }
+
+  /**
+   * The working memory of the whole pass. Per batch row in flight: each head's state (sums,
+   * and the sliding window's chunks and suffix sums), and a block's projections, features and
+   * heads, as far as the path keeps them (the fused path reads given heads where they are and
+   * writes them in place); per thread: a head's piece of scaled rows and features, or the exp
+   * maps' logits, and the kernels' scratch. expplus holds the whole batch's projections and
+   * features.
+   */
+  static Budget budget(const Pass<Scalar>& pass, const CausalWindowed& masking) {
+    const CausalParams p = wholePassParams(masking, pass.in.T);
+    const Index T = pass.in.T, lead = masking.leadingPad(T), C = p.chunk;
+    const double N = double(pass.dims.heads), d = double(pass.dims.key_dim);
+    const double dv = double(pass.dims.value_dim), F = double(pass.features());
+    const Concurrency at_once = concurrencyOf(pass.pool, pass.flops(), pass.in.B);
+    Budget b(sizeof(Scalar));
+    if (p.sliding) {
+      // The window's chunks (rows or terms) and, once it slides, up to W suffix sums, for
+      // every head of the batch rows that may run at once.
+      WindowLoad w;
+      w.features = F;
+      w.value_dim = dv;
+      w.chunks = double((T + lead + C - 1) / C);
+      w.chunk = C;
+      w.window = p.window;
+      w.rows = p.compact_ring;
+      const double layer_threads = pass.pool ? double(pass.pool->threads()) : 1.0;
+      const double rows = std::min(double(pass.in.B), layer_threads);
+      const Index W = p.window;
+      b.add(w.numbers(double(HeadState::kRingBlock)) * N * rows,
+            [=] { return "the causal window of " + std::to_string(W) + " chunks"; });
+    } else {
+      b.add(at_once.rows * N * F * (dv + 1));
+    }
+    const double block = double(std::min(passBlockRows(pass, C, T, lead), T + lead));
+    if (Traits::pair_statistics && pass.projection) {
+      // expplus's statistics need the whole batch's projections and features at once.
+      return b.add(double(pass.in.B) * double(T) * N * (2 * d + 2 * F + 2 * dv) +
+                       at_once.threads * kernelScratch(pass, C),
+                   [=] { return "the whole batch's projections and features (expplus)"; });
+    }
+    return b.add(blockNumbers(pass, C, block, at_once), [=] {
+      return "the causal pass's blocks of " + std::to_string(Index(block)) + " rows";
+    });
+  }
+
+  /// Numbers the head kernels of one task may hold for chunks of C rows: causalGroup's masked
+  /// scores and scaled rows (none of L x L for one chunk that takes the low-rank form), a
+  /// sliding chunk's term, causalTokens' weighted keys, and the products' packing.
+  static double kernelScratch(const Pass<Scalar>& pass, Index C) {
+    const double F = double(pass.features()), dv = double(pass.dims.value_dim);
+    const double group = double(groupRows(C));
+    if (group == double(C) && group * (F + dv) > 2 * F * dv) {
+      return group + gemmPacking(F, group, dv);  // a normaliser and k'^T v
+    }
+    return group * group + group * (F + 2 * dv + 2) + F * (dv + 1) + 4 * F +
+           gemmPacking(group, F, dv);
+  }
+
+  /// Numbers of a pass over blocks of `block` rows: per batch row in flight, a block's
+  /// projections, features and heads as far as the path keeps them (the fused path reads given
+  /// heads where they are and writes in place); per thread, a head's piece of scaled rows and
+  /// features, or the exp maps' logits and the features' projection, and the kernels' scratch.
+  static double blockNumbers(const Pass<Scalar>& pass, Index C, double block,
+                             const Concurrency& at_once) {
+    const double N = double(pass.dims.heads), d = double(pass.dims.key_dim);
+    const double dv = double(pass.dims.value_dim), F = double(pass.features());
+    const double piece = double(C >= kStreamRows ? C : C * (kStreamRows / C));
+    double per_row = 0, per_thread = kernelScratch(pass, C) + densePacking(pass);
+    if (Traits::max_shifted) {
+      per_row = block * N * (2 * d + dv + 2 * F + dv);
+      per_thread += double(kLogitRows) * F + gemmPacking(block, d, F);
+    } else {
+      per_row = (pass.in.givenHeads() ? 0.0 : block * N * (2 * d + dv)) +
+                (inPlace(pass) ? 0.0 : block * N * dv);
+      per_thread += std::min(piece, block) * 2 * (d + F) + gemmPacking(piece, d, F);
+    }
+    return at_once.rows * per_row + at_once.threads * per_thread;
+  }
+
   /// The whole pass over every batch row (SPEC 3.3).
   static void run(const Pass<Scalar>& pass, const CausalWindowed& masking) {
     const CallInputs<Scalar>& in = pass.in;
@@ -195,7 +288,7 @@ struct CausalCore {
     const Mat* P = pass.projection;
     const CausalParams params = wholePassParams(masking, T);
     const Index lead = masking.leadingPad(T);
-    causalWindowBudget(pass, params, (T + lead + params.chunk - 1) / params.chunk).check();
+    budget(pass, masking).check();
     if constexpr (Traits::pair_statistics) {
       if (P) {
         // expplus sees the whole sequence (its coefficients use future positions, as in the
@@ -214,14 +307,7 @@ struct CausalCore {
         return;
       }
     }
-    // Blocks bound the memory of a block's projections and heads. attend into caller memory
-    // has neither, so it takes the whole row as one block: one pass of the pool, not one per
-    // block with every thread waiting at each block's end for the slowest head.
-    const bool in_place = !Traits::max_shifted && in.givenHeads() &&
-                          pass.sink == HeadsSink::Caller && !pass.dropout.active;
-    const Index C = params.chunk;
-    const Index block = in_place ? std::max(blockRows(C), (T + lead + C - 1) / C * C)
-                                 : blockRows(C);
+    const Index block = passBlockRows(pass, params.chunk, T, lead);
     pass.forBatchRows([&](Index b, const ThreadPool* inner) {
       const Scalar r = std::sqrt(pass.scales[std::size_t(b)]);
       std::vector<HeadState> st(static_cast<std::size_t>(N));

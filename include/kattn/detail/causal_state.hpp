@@ -37,6 +37,33 @@ struct CausalParams {
   bool compact_ring = true;
 };
 
+/// Numbers a head's sliding window may hold (ring, front and sums), for the memory limit: its
+/// state now (zero for a state not yet made) and the chunks still to come.
+struct WindowLoad {
+  double features = 0;   ///< F
+  double value_dim = 0;  ///< d_v
+  double held = 0;       ///< numbers the ring holds now (rows and terms)
+  double in_window = 0;  ///< chunks in the window now
+  double front = 0;      ///< suffix sums held now
+  double chunks = 0;     ///< chunks to come
+  Index chunk = 1;       ///< C, rows per chunk at most
+  Index window = 1;      ///< W
+  bool rows = true;      ///< the ring may keep a chunk's rows instead of its term
+
+  /// An upper bound: the sums, the ring as it is plus the new chunks (as rows when allowed and
+  /// smaller than a term, as terms otherwise) with the ring's partly used block of rows (its
+  /// size in numbers is `ring_block`), and the front, which becomes up to W sums once the
+  /// window slides.
+  double numbers(double ring_block) const {
+    const double term = features * (value_dim + 1);
+    const bool as_rows = rows && double(chunk) * (features + value_dim) < features * value_dim;
+    const double entry = as_rows ? double(chunk) * (features + value_dim) : term;
+    const bool slides = in_window + chunks > double(window);
+    return term + held + std::min(chunks, double(window)) * entry + (as_rows ? ring_block : 0.0) +
+           (slides ? double(window) : front) * term;
+  }
+};
+
 /// Running state of one (batch row, head).
 template <typename Scalar>
 struct CausalHeadState {
@@ -152,28 +179,20 @@ struct CausalHeadState {
   /// Chunks currently inside the window (sliding regime).
   std::size_t windowChunks() const { return front_kv.size() - front_pos + ring_kv.size(); }
 
-  /**
-   * Numbers this state may hold (sliding regime) after `chunks` more chunks of at most C rows
-   * went through a window of W chunks: the ring as it is plus the new chunks (as rows when
-   * `rows` allows and they are smaller than a term, as terms otherwise), with the ring's
-   * partly used block of rows; and the front, which becomes up to W sums once the window
-   * drops. An upper bound, for the memory limit.
-   */
-  double numbersAfter(double chunks, Index C, Index W, bool rows) const {
-    return windowNumbers(double(kv.rows()), double(kv.cols()), double(ring_numbers),
-                         double(windowChunks()), double(front_kv.size()), chunks, C, W, rows);
-  }
-
-  /// numbersAfter for a state of F features and d_v values whose ring holds `held` numbers
-  /// in `in_window` chunks, with `front` suffix sums: also for a state not yet made.
-  static double windowNumbers(double F, double dv, double held, double in_window, double front,
-                              double chunks, Index C, Index W, bool rows) {
-    const double term = F * (dv + 1);
-    const bool as_rows = rows && double(C) * (F + dv) < F * dv;
-    const double entry = as_rows ? double(C) * (F + dv) : term;
-    const bool drops = in_window + chunks > double(W);
-    return term + held + std::min(chunks, double(W)) * entry +
-           (as_rows ? double(kRingBlock) : 0.0) + (drops ? double(W) : front) * term;
+  /// What this state's window may hold after `chunks` more chunks of at most C rows go
+  /// through a window of W chunks (`rows`: the ring may keep a chunk's rows).
+  WindowLoad load(double chunks, Index C, Index W, bool rows) const {
+    WindowLoad w;
+    w.features = double(kv.rows());
+    w.value_dim = double(kv.cols());
+    w.held = double(ring_numbers);
+    w.in_window = double(windowChunks());
+    w.front = double(front_kv.size());
+    w.chunks = chunks;
+    w.chunk = C;
+    w.window = W;
+    w.rows = rows;
+    return w;
   }
 
   /// The window sum S (and its z) of the last chunk: kv plus the decayed older suffix.

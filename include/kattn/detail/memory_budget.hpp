@@ -1,108 +1,126 @@
 #pragma once
 /// \file
-/// \private What each path of a call holds beyond its inputs and outputs, in numbers of
-/// Scalar, gathered in one place and checked against the memory limit (limits.hpp) before the
-/// path allocates anything: tasks on the pool must not throw.
+/// \private The working memory of a call, described once per path (each core's `budget`, next
+/// to the code that allocates it) as named parts in numbers of Scalar. A part is checked
+/// against the memory limit (limits.hpp) before the path allocates anything, since tasks on the
+/// pool must not throw; the sum of the parts is what KernelAttention::workingBytes reports and
+/// what tests/memory_budget_test.cpp compares with the heap's measured peak.
 
 #include <algorithm>
+#include <array>
+#include <cstddef>
 #include <functional>
 #include <string>
 #include <utility>
-#include <vector>
 
+#include "../assert.hpp"
 #include "../limits.hpp"
-#include "causal_state.hpp"
+#include "../parallel.hpp"
 #include "pass.hpp"
+#include "schedule.hpp"
 
 namespace kattn {
 namespace detail {
 
-/// The buffers of one path: a sum of named counts of numbers, described lazily.
+/// Bytes a call allocates besides its buffers: the pool's task closures, the vectors that
+/// hold per-head sums and shifts, a state's bookkeeping.
+inline constexpr double kBookkeepingBytes = 16384;
+
+/// Numbers Eigen's GEMM may pack for a product [m x k] * [k x n]: copies of blocks of both
+/// operands, on the heap once they pass EIGEN_STACK_ALLOCATION_LIMIT; at most both whole.
+inline double gemmPacking(double m, double k, double n) { return m * k + k * n; }
+
+/// The buffers of one path: parts of so many numbers of `element_size` bytes each, and the
+/// call's bookkeeping.
 class Budget {
  public:
-  Budget(std::size_t element_size, std::function<std::string()> describe)
-      : m_element_size(element_size), m_describe(std::move(describe)) {}
+  explicit Budget(std::size_t element_size)
+      : m_element_size(element_size), m_total(kBookkeepingBytes / double(element_size)) {}
 
-  /// Adds `count` numbers.
-  Budget& add(double count) {
-    m_numbers += count;
+  /// A part the memory limit checks on its own, described (only when refused) by `describe`.
+  Budget& add(double numbers, std::function<std::string()> describe) {
+    KATTN_ASSERT(m_count < kMaxChecked);
+    m_total += numbers;
+    m_checked[m_count++] = {numbers, std::move(describe)};
     return *this;
   }
-  double numbers() const { return m_numbers; }
-  double bytes() const { return m_numbers * double(m_element_size); }
-  /// Throws MemoryLimitError naming the path when the buffers exceed the limit.
-  void check() const { checkAllocation(m_numbers, m_element_size, m_describe); }
+  /// A part counted in the total but not checked on its own: scratch small next to the
+  /// checked parts (a refused call names those).
+  Budget& add(double numbers) {
+    m_total += numbers;
+    return *this;
+  }
+
+  /// Throws MemoryLimitError naming the first checked part over the limit.
+  void check() const {
+    for (std::size_t i = 0; i < m_count; ++i) {
+      checkAllocation(m_checked[i].numbers, m_element_size, m_checked[i].describe);
+    }
+  }
+  /// Numbers of all parts at once.
+  double numbers() const { return m_total; }
+  double bytes() const { return m_total * double(m_element_size); }
+
+  /// The budget of two steps that run one after the other: the parts of both are checked, and
+  /// the total is the larger one.
+  static Budget sequence(Budget a, const Budget& b) {
+    for (std::size_t i = 0; i < b.m_count; ++i) {
+      KATTN_ASSERT(a.m_count < kMaxChecked);
+      a.m_checked[a.m_count++] = b.m_checked[i];
+    }
+    a.m_total = std::max(a.m_total, b.m_total);
+    return a;
+  }
 
  private:
+  struct Part {
+    double numbers;
+    std::function<std::string()> describe;
+  };
+
+  // In place, not a vector: a decode step describes its budget too, and allocates nothing.
+  static constexpr std::size_t kMaxChecked = 4;
   std::size_t m_element_size;
-  std::function<std::string()> m_describe;
-  double m_numbers = 0;
+  std::array<Part, kMaxChecked> m_checked{};
+  std::size_t m_count = 0;
+  double m_total;
 };
 
-/// Threads a pass may run on at once.
-inline double threadsOf(const ThreadPool* pool) { return pool ? double(pool->threads()) : 1.0; }
+/// Where a call's work runs: threads working at once and batch rows in flight at once
+/// (forBatchRows: all threads on one row, or one row per thread when B allows).
+struct Concurrency {
+  double threads = 1;
+  double rows = 1;
+};
 
-/// The bidirectional core for Tq queries. The quadratic forms (the short path's softmax, the
-/// explicit form) hold a [T, S] score matrix per thread and a batch row's projections and
-/// features; expplus (`pair`) the whole batch's. The low-rank form streams keys and queries
-/// in blocks: a block of rows, values and features per task, and up to kKeyGroups partial
-/// sums per head in its key pass, beside the heads [T, N d_v].
-template <typename Scalar>
-Budget bidirectionalBudget(const Pass<Scalar>& pass, Index Tq, bool short_path, bool quadratic,
-                           bool pair, Index stream_rows, Index key_groups) {
-  const double N = double(pass.dims.heads), d = double(pass.dims.key_dim);
-  const double dv = double(pass.dims.value_dim), F = double(pass.features());
-  const double S = double(pass.in.S), threads = threadsOf(pass.pool);
-  if (quadratic) {
-    // The score matrices are the one large buffer of a short call: refused on their own,
-    // with a message that names them.
-    Budget scores(sizeof(Scalar), [=] {
-      return std::string(short_path ? "the short-sequence path's" : "the explicit form's") +
-             " attention matrices [T, S] = [" + std::to_string(Tq) + ", " +
-             std::to_string(pass.in.S) + "], one per thread";
-    });
-    scores.add(double(Tq) * S * threads).check();
-  }
-  Budget b(sizeof(Scalar), [=] {
-    return "the working buffers of " + std::to_string(Tq) + " queries and " +
-           std::to_string(pass.in.S) + " keys";
-  });
-  const bool whole_rows = quadratic || pair;
-  if (whole_rows) {
-    const double batch = pair ? double(pass.in.B) : 1.0;
-    b.add(batch * (double(Tq) + S) * N * (2 * d + 2 * F + dv));
-  } else {
-    b.add(double(Tq) * N * dv);
-    b.add(threads * double(stream_rows) * (F + d + dv));
-    b.add(N * double(key_groups) * F * (dv + 1));
-  }
-  return b;
+/// Concurrency of a call of `flops` operations over B batch rows on `pool`.
+inline Concurrency concurrencyOf(const ThreadPool* pool, double flops, Index B) {
+  const ThreadPool* p = poolFor(pool, flops);
+  Concurrency c;
+  c.threads = p ? double(p->threads()) : 1.0;
+  c.rows = p && B >= p->threads() ? c.threads : 1.0;
+  return c;
 }
 
-/// The whole causal pass's sliding window: the window's chunks (rows or terms) and, once it
-/// slides, up to W suffix sums, for every head of the batch rows that run at once.
+/// What one thread may pack at once for the call's dense projections: a slice of input rows
+/// times a projection kernel (rows from the layer's inputs), or a slice of heads times the
+/// output kernel.
 template <typename Scalar>
-Budget causalWindowBudget(const Pass<Scalar>& pass, const CausalParams& p, Index chunks) {
-  Budget b(sizeof(Scalar), [=] {
-    return "the causal window of " + std::to_string(p.window) + " chunks";
-  });
-  if (!p.sliding) return b;
-  const double at_once = std::min(double(pass.in.B), threadsOf(pass.pool));
-  const double per_head = CausalHeadState<Scalar>::windowNumbers(
-      double(pass.features()), double(pass.dims.value_dim), 0, 0, 0, double(chunks), p.chunk,
-      p.window, p.compact_ring);
-  return b.add(per_head * double(pass.dims.heads) * at_once);
-}
-
-/// One streaming call of T tokens: its projections and features.
-template <typename Scalar>
-Budget streamingCallBudget(const Pass<Scalar>& pass) {
-  const Index T = pass.in.T;
-  Budget b(sizeof(Scalar), [=] {
-    return "one streaming call's projections and features (" + std::to_string(T) + " tokens)";
-  });
-  return b.add(double(T) * double(pass.dims.heads) *
-               double(3 * pass.dims.key_dim + 3 * pass.features() + 2 * pass.dims.value_dim));
+double densePacking(const Pass<Scalar>& pass) {
+  const double N = double(pass.dims.heads);
+  const double h = double(std::max(pass.dims.key_dim, pass.dims.value_dim));
+  const double rows = double(kSliceRows);
+  double packing = 0;
+  if (!pass.in.givenHeads()) {
+    const double D = double(std::max({pass.in.query.dimension(2), pass.in.key.dimension(2),
+                                      pass.in.value.dimension(2)}));
+    packing = gemmPacking(rows, D, N * h);
+  }
+  if (pass.sink == HeadsSink::OutputDense && pass.weights) {
+    const double O = double(pass.weights->output_kernel.dimension(2));
+    packing = std::max(packing, gemmPacking(rows, N * double(pass.dims.value_dim), O));
+  }
+  return packing;
 }
 
 }  // namespace detail

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <limits>
 #include <optional>
+#include <algorithm>
 #include <string>
 
 #include "../feature_maps.hpp"
@@ -59,23 +60,30 @@ struct StreamingCore {
     return p;
   }
 
-  /// The memory a call may add to the state (exact mode: the window's new chunks) and the
-  /// call's own buffers, checked against the limit.
-  static void checkBudget(const StreamingState<Scalar>& s, const Pass<Scalar>& pass,
-                          const CausalParams& p) {
+  /**
+   * The working memory of a call: in exact mode what the state's window may hold after it
+   * (its chunks as rows or terms, a call that finishes the last call's chunk, and once the
+   * window slides its suffix sums), and the call's projections, features and heads.
+   */
+  static Budget budget(const StreamingState<Scalar>& s, const Pass<Scalar>& pass,
+                       const CausalParams& p) {
     const Index T = pass.in.T, C = p.chunk, W = p.window;
+    Budget b(sizeof(Scalar));
     if (s.mode() == StreamingMode::Exact && pass.in.B > 0) {
-      // Every head holds the same chunks: the window's chunks (as rows or terms) and, once
-      // the window slides, its suffix sums. A call may also finish the last call's chunk.
+      // Every head holds the same chunks.
       const auto& h = s.headStates(0)[0];
       const double call_chunks = double((T + C - 1) / C + (C > 1 ? 1 : 0));
-      const double numbers = h.numbersAfter(call_chunks, C, W, p.compact_ring);
-      checkAllocation(numbers * double(pass.in.B) * double(pass.dims.heads), sizeof(Scalar), [&] {
-        const double chunks = std::min(double(W), double(h.windowChunks()) + call_chunks);
+      const WindowLoad load = h.load(call_chunks, C, W, p.compact_ring);
+      const double numbers = load.numbers(double(CausalHeadState<Scalar>::kRingBlock));
+      const double chunks = std::min(double(W), double(h.windowChunks()) + call_chunks);
+      b.add(numbers * double(pass.in.B) * double(pass.dims.heads), [=] {
         return "the exact streaming window of " + std::to_string(Index(chunks)) + " chunks";
       });
     }
-    streamingCallBudget(pass).check();
+    const Concurrency at_once = concurrencyOf(pass.pool, pass.flops(), pass.in.B);
+    return b.add(Core::blockNumbers(pass, C, double(T), at_once), [=] {
+      return "one streaming call's projections and features (" + std::to_string(T) + " tokens)";
+    });
   }
 
   /// One call: `state` advances by the pass's T tokens and their heads are delivered.
@@ -83,7 +91,7 @@ struct StreamingCore {
     const CallInputs<Scalar>& in = pass.in;
     const Index T = in.T;
     const CausalParams params = callParams(state, T);
-    checkBudget(state, pass, params);
+    budget(state, pass, params).check();
     const Mat* P = pass.projection;
     pass.forBatchRows([&](Index b, const ThreadPool* inner) {
       const Scalar r = std::sqrt(pass.scales[std::size_t(b)]);

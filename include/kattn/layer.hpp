@@ -344,30 +344,14 @@ class KernelAttention {
                    const std::optional<ConstTensorMap<Scalar, 2>>& mask, bool training,
                    StreamingState<Scalar>* state, TensorMap<Scalar, 3> output) const;
 
-  /// The call of forward() after its boundary checks (detail/call_checks.hpp).
-  detail::Pass<Scalar> inputsPass(const ConstTensorMap<Scalar, 3>& query,
-                                  const ConstTensorMap<Scalar, 3>& value,
-                                  const std::optional<ConstTensorMap<Scalar, 3>>& key,
-                                  const std::optional<ConstTensorMap<Scalar, 2>>& mask,
-                                  const TensorMap<Scalar, 3>& output) const {
-    checkShape<3>("output", output.dimensions(), {query.dimension(0), query.dimension(1), m_out_dim});
-    return newPass(detail::inputsCall<Scalar>(query, value, key, mask, Masking::causal,
-                                              queryInputDim(), valueInputDim(), keyInputDim()),
-                   output);
-  }
-
-  /// The call of attend() after its boundary checks.
+  /// The call of attend() after its boundary checks (detail/call_checks.hpp).
   detail::Pass<Scalar> headsPass(const ConstTensorMap<Scalar, 4>& q,
                                  const ConstTensorMap<Scalar, 4>& k,
                                  const ConstTensorMap<Scalar, 4>& v,
                                  const std::optional<ConstTensorMap<Scalar, 2>>& mask,
                                  const TensorMap<Scalar, 4>& heads) const {
-    detail::Pass<Scalar> pass = newPass(
-        detail::headsCall<Scalar>(q, k, v, mask, heads, m_dims, Masking::causal),
-        TensorMap<Scalar, 3>(nullptr, 0, 0, 0));
-    pass.sink = detail::HeadsSink::Caller;
-    pass.heads_out = heads.data();
-    return pass;
+    return newPass(detail::headsCall<Scalar>(q, k, v, mask, heads, m_dims, Masking::causal),
+                   TensorMap<Scalar, 3>(nullptr, 0, 0, 0), heads.data());
   }
 
   /// A call of these sizes without data, for workingBytes.
@@ -383,14 +367,18 @@ class KernelAttention {
     return pass;
   }
 
+  /// A call of this layer: its inputs, and where its heads go (through the output projection
+  /// into y, or into the caller's `heads_out`).
   detail::Pass<Scalar> newPass(const detail::CallInputs<Scalar>& in,
-                               const TensorMap<Scalar, 3>& output) const {
-    detail::Pass<Scalar> pass(in, output);
+                               const TensorMap<Scalar, 3>& y, Scalar* heads_out = nullptr) const {
+    detail::Pass<Scalar> pass(in, y);
     pass.dims = m_dims;
     pass.weights = &m_weights;
     pass.pool = m_pool.get();
     pass.workspaces = m_workspace.get();
     pass.form = m_form;
+    pass.sink = heads_out ? detail::HeadsSink::Caller : detail::HeadsSink::OutputDense;
+    pass.heads_out = heads_out;
     return pass;
   }
 
@@ -440,8 +428,11 @@ void KernelAttention<Scalar, FeatureMap, Masking>::forwardInto(
     StreamingState<Scalar>* state, TensorMap<Scalar, 3> output) const {
   buildOnFirstCall(query.dimension(2), value.dimension(2),
                    key ? key->dimension(2) : value.dimension(2));
-  outputDimOrThrow();
-  run(inputsPass(query, value, key, mask, output), training, state);
+  const Index O = outputDimOrThrow();
+  const detail::CallInputs<Scalar> in = detail::inputsCall<Scalar>(
+      query, value, key, mask, Masking::causal, queryInputDim(), valueInputDim(), keyInputDim());
+  checkShape<3>("output", output.dimensions(), {in.B, in.T, O});
+  run(newPass(in, output), training, state);
 }
 
 template <typename Scalar, typename FeatureMap, typename Masking>

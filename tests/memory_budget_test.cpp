@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdio>
 #include <cstddef>
 #include <functional>
 #include <string>
@@ -83,6 +84,14 @@ kattn::LayerConfig config(const char* map, int m) {
   return c;
 }
 
+/// estimate in [peak, 2 peak], and both printed for the record.
+void expectCovers(double estimate, double peak, const std::string& what) {
+  EXPECT_GE(estimate, peak) << what;
+  EXPECT_LE(estimate, 2 * peak) << what;
+  std::printf("%-40s estimate %10.0f bytes, measured peak %10.0f bytes (%.2fx)\n", what.c_str(),
+              estimate, peak, estimate / peak);
+}
+
 /// The estimate of a forward of `layer` on x against its measured peak.
 template <typename Layer>
 void expectBudgetHolds(Layer& layer, Index B, Index T, const std::string& what) {
@@ -95,10 +104,7 @@ void expectBudgetHolds(Layer& layer, Index B, Index T, const std::string& what) 
   const double peak = peakBytes([&] {
     layer.forward(x, x, std::nullopt, std::nullopt, false, kattn::TensorMap<float, 3>(y));
   });
-  EXPECT_GE(estimate, peak) << what;
-  EXPECT_LE(estimate, 2 * peak) << what;
-  std::printf("%-40s estimate %10.0f bytes, measured peak %10.0f bytes (%.2fx)\n", what.c_str(),
-              estimate, peak, estimate / peak);
+  expectCovers(estimate, peak, what);
 }
 
 class MemoryBudget : public ::testing::Test {
@@ -166,11 +172,8 @@ TEST_F(MemoryBudget, Streaming) {
     const double peak = peakBytes([&] {
       layer.forward(x, x, std::nullopt, std::nullopt, state, kattn::TensorMap<float, 3>(y));
     });
-    const char* name = mode == kattn::StreamingMode::Exact ? "exact" : "recurrent";
-    EXPECT_GE(estimate, peak) << name;
-    EXPECT_LE(estimate, 2 * peak) << name;
-    std::printf("streaming %-30s estimate %10.0f bytes, measured peak %10.0f bytes (%.2fx)\n",
-                name, estimate, peak, estimate / peak);
+    expectCovers(estimate, peak,
+                 mode == kattn::StreamingMode::Exact ? "streaming exact" : "streaming recurrent");
   }
 }
 

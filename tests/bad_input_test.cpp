@@ -163,4 +163,51 @@ TEST(StreamingBytes, HugeRingCountInAStateIsRejectedWithoutAllocating) {
   EXPECT_THROW(State::fromBytes(bytes), std::runtime_error);
 }
 
+// ---- what the messages say --------------------------------------------------------------------
+
+kattn::Tensor<float, 3> filled(Index B, Index T, Index D) {
+  kattn::Tensor<float, 3> x(B, T, D);
+  x.setConstant(0.5f);
+  return x;
+}
+
+TEST(ErrorMessages, SayWhatIsWrongInPlainWords) {
+  kattn::LayerConfig c;
+  c.num_heads = 2;
+  c.key_dim = 4;
+  c.feature_transform = "relu";
+  c.use_causal_windowed = true;
+  c.causal_chunk_length = 2;
+  kattn::CausalKernelAttention<float, kattn::Relu> layer(c);
+  const kattn::Tensor<float, 3> x1 = filled(2, 1, 8), x2 = filled(2, 2, 8);
+  layer.forward(x2, x2);  // draws the weights for width 8
+  auto exact = layer.makeState(2, kattn::StreamingMode::Exact);
+  EXPECT_TRUE(throwsWith<std::invalid_argument>(
+      [&] { layer.forward(x1, x1, std::nullopt, std::nullopt, exact); }, "a call of 1 token is"));
+  auto three = layer.makeState(3, kattn::StreamingMode::Exact);
+  EXPECT_TRUE(throwsWith<std::invalid_argument>(
+      [&] { layer.forward(x2, x2, std::nullopt, std::nullopt, three); },
+      "state: made for a batch of 3 rows, but the call has 2"));
+  const kattn::Tensor<float, 3> narrow = filled(2, 2, 6);
+  EXPECT_TRUE(throwsWith<std::invalid_argument>(
+      [&] { layer.forward(narrow, narrow); },
+      "query: the layer was built for query width 8 on its first call"));
+
+  kattn::LayerConfig d;
+  d.dropout = 1.5;
+  EXPECT_TRUE(throwsWith<std::invalid_argument>([&] { d.validate(); }, "got 1.5"));
+  kattn::LayerConfig s;
+  s.num_heads = 1;
+  s.key_dim = 4;
+  s.feature_transform = "relu";
+  s.scale_by_length = true;
+  kattn::KernelAttention<float, kattn::Relu> by_length(s);
+  kattn::Tensor<float, 2> half(1, 2);
+  half.setConstant(0.25f);
+  const kattn::Tensor<float, 3> x = filled(1, 2, 8);
+  EXPECT_TRUE(throwsWith<std::invalid_argument>(
+      [&] { by_length.forward(x, x, std::nullopt, kattn::ConstTensorMap<float, 2>(half)); },
+      "row 0 sums to 0.5"));
+}
+
 }  // namespace

@@ -14,6 +14,15 @@ namespace kattn {
 
 namespace detail {
 
+/// A number for an error message: the shortest of up to 10 significant digits ("1", "0.25",
+/// "1e-07"), not std::to_string's fixed six decimals ("1.000000").
+inline std::string numberString(double x) {
+  std::ostringstream os;
+  os.precision(10);
+  os << x;
+  return os.str();
+}
+
 /// Throws std::invalid_argument, naming `what`, for the one seed the reference cannot use: it
 /// draws from `tf.constant([seed, seed + 1])` (int32 when both fit, otherwise int64, the same
 /// stream as TF sign-extends int32 seeds), so every seed but INT64_MAX works.
@@ -155,7 +164,7 @@ struct LayerConfig {
            featureTransformList());
     }
     if (!(dropout >= 0.0 && dropout < 1.0)) {
-      fail("dropout: expected a rate in [0, 1), got " + std::to_string(dropout));
+      fail("dropout: expected a rate in [0, 1), got " + detail::numberString(dropout));
     }
     if (redraw && !hasProjection()) {
       fail("redraw: num_random_features is " + std::to_string(num_random_features) +

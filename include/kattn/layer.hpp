@@ -112,6 +112,7 @@ class KernelAttention {
    */
   void setWeights(Weights<Scalar> w) {
     const Index O = checkWeights(m_config, w);
+    m_drawn_on_first_call = false;
     install(std::move(w), O);
   }
 
@@ -125,6 +126,7 @@ class KernelAttention {
                          std::optional<Index> key_dim = std::nullopt) {
     const Weights<Scalar> w =
         drawWeights<Scalar>(m_config, query_dim, value_dim, key_dim ? *key_dim : value_dim);
+    m_drawn_on_first_call = false;
     install(w, w.output_kernel.dimension(2));
   }
 
@@ -209,11 +211,19 @@ class KernelAttention {
   StreamingState<Scalar> makeState(Index batch, std::optional<StreamingMode> mode =
                                                     std::nullopt) const {
     requireStreaming();
-    const StreamingMode m = mode ? *mode
-                                 : (m_config.causal_window_decay ? StreamingMode::Recurrent
-                                                                 : StreamingMode::Exact);
-    return StreamingState<Scalar>(batch, m_dims.heads, numFeatures(), m_dims.value_dim, m,
-                                  m_masking.chunk, m_masking.window, m_masking.gamma());
+    // Only a causal layer has chunks: without the branch a bidirectional layer's misuse would
+    // meet "no member chunk" before the static_assert's sentence.
+    if constexpr (Masking::causal) {
+      const StreamingMode m = mode ? *mode
+                                   : (m_config.causal_window_decay ? StreamingMode::Recurrent
+                                                                   : StreamingMode::Exact);
+      return StreamingState<Scalar>(batch, m_dims.heads, numFeatures(), m_dims.value_dim, m,
+                                    m_masking.chunk, m_masking.window, m_masking.gamma());
+    } else {
+      (void)batch;
+      (void)mode;
+      return StreamingState<Scalar>();
+    }
   }
 
   /**
@@ -307,6 +317,7 @@ class KernelAttention {
     std::lock_guard<std::mutex> lock(*m_build_mutex);
     if (hasWeights()) return;
     const Weights<Scalar> w = drawWeights<Scalar>(m_config, query_dim, value_dim, key_dim);
+    m_drawn_on_first_call = true;
     install(w, w.output_kernel.dimension(2));
   }
 
@@ -396,6 +407,7 @@ class KernelAttention {
   // them once under m_build_mutex before publishing m_has_weights.
   mutable Weights<Scalar> m_weights;
   mutable Index m_out_dim = 0;
+  mutable bool m_drawn_on_first_call = false;  // the input widths are the first call's
   mutable detail::CopyableAtomic<bool> m_has_weights;
   std::shared_ptr<std::mutex> m_build_mutex = std::make_shared<std::mutex>();
   mutable detail::CopyableAtomic<std::uint64_t> m_training_calls;  // numbers training calls:
@@ -429,6 +441,10 @@ void KernelAttention<Scalar, FeatureMap, Masking>::forwardInto(
   buildOnFirstCall(query.dimension(2), value.dimension(2),
                    key ? key->dimension(2) : value.dimension(2));
   const Index O = outputDimOrThrow();
+  if (m_drawn_on_first_call) {
+    detail::checkFirstCallWidths<Scalar>(query, value, key, queryInputDim(), valueInputDim(),
+                                         keyInputDim());
+  }
   const detail::CallInputs<Scalar> in = detail::inputsCall<Scalar>(
       query, value, key, mask, Masking::causal, queryInputDim(), valueInputDim(), keyInputDim());
   checkShape<3>("output", output.dimensions(), {in.B, in.T, O});

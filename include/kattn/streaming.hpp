@@ -101,6 +101,12 @@ class StreamingState {
   /// feed this state its next call.
   void requireCompatible(Index batch, Index heads, Index features, Index value_dim, Index chunk,
                          Index window, double gamma) const {
+    if (m_batch != batch && m_heads == heads && m_features == features &&
+        m_value_dim == value_dim) {
+      throw std::invalid_argument("state: made for a batch of " + std::to_string(m_batch) +
+                                  " rows, but the call has " + std::to_string(batch) +
+                                  " (a state holds one stream per batch row)");
+    }
     if (m_batch != batch || m_heads != heads || m_features != features ||
         m_value_dim != value_dim) {
       throw std::invalid_argument(

@@ -44,6 +44,25 @@ CallInputs<Scalar> inputsCall(const ConstTensorMap<Scalar, 3>& query, const Cons
                             query, value, key ? *key : value};
 }
 
+/// For a layer whose weights its first forward drew: an input of another width than that call's
+/// is refused with the reason its width is fixed.
+template <typename Scalar>
+void checkFirstCallWidths(const ConstTensorMap<Scalar, 3>& query,
+                          const ConstTensorMap<Scalar, 3>& value,
+                          const std::optional<ConstTensorMap<Scalar, 3>>& key, Index Dq, Index Dv,
+                          Index Dk) {
+  auto check = [](const std::string& what, Index got, Index built) {
+    if (got == built) return;
+    throw std::invalid_argument(what + ": the layer was built for " + what + " width " +
+                                std::to_string(built) +
+                                " on its first call (its weights were drawn then); got width " +
+                                std::to_string(got));
+  };
+  check("query", query.dimension(2), Dq);
+  check("value", value.dimension(2), Dv);
+  if (key) check("key", key->dimension(2), Dk);
+}
+
 /// attend()'s heads, checked: q [B, T, N, d], k [B, S, N, d], v [B, S, N, d_v], mask [B, S],
 /// and the output heads [B, T, N, d_v]; a causal layer needs S = T.
 template <typename Scalar>
@@ -88,7 +107,7 @@ std::vector<Scalar> batchScales(double scale, bool scale_by_length, const CallIn
     if (!(total >= Scalar(1))) {
       throw std::invalid_argument("attention_mask: scale_by_length needs every row to sum to at "
                                   "least 1; row " + std::to_string(b) + " sums to " +
-                                  std::to_string(double(total)));
+                                  numberString(double(total)));
     }
     s[std::size_t(b)] = Scalar(scale) * std::log(total) / std::log(Scalar(512));
   }

@@ -36,9 +36,11 @@ struct StreamingCore {
                         m.chunk, m.window, m.gamma());
     if (s.mode() == StreamingMode::Exact && pass.in.T % m.chunk != 0 &&
         m.padding != Padding::Right) {
+      const Index T = pass.in.T;
       throw std::invalid_argument("query: exact streaming needs calls of whole chunks; a call of " +
-                                  std::to_string(pass.in.T) + " tokens is not a multiple of " +
-                                  "causal_chunk_length " + std::to_string(m.chunk));
+                                  std::to_string(T) + (T == 1 ? " token" : " tokens") +
+                                  " is not a multiple of causal_chunk_length " +
+                                  std::to_string(m.chunk));
     }
   }
 

@@ -36,9 +36,15 @@ using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowM
 template <typename Scalar>
 using Vector = Eigen::Matrix<Scalar, Eigen::Dynamic, 1>;
 
-/// Read-only view of a tensor held elsewhere (a `Tensor`, a `TensorMap` or a `ConstTensorMap`).
+/// Read-only view of a row-major tensor held elsewhere (a `Tensor`, a `TensorMap` or a
+/// `ConstTensorMap`). A column-major tensor is refused at compile time: its data read as
+/// row-major would be another tensor.
 template <typename Scalar, int Rank, typename T>
 ConstTensorMap<Scalar, Rank> constView(const T& t) {
+  static_assert(int(T::Layout) == int(Eigen::RowMajor),
+                "kattn reads row-major tensors (Eigen::RowMajor, as numpy and TF lay them out), "
+                "and this one is column-major (Eigen's default): copy it into a kattn::Tensor "
+                "first, x.swap_layout().shuffle(Eigen::array<int, 3>{2, 1, 0}) for rank 3.");
   return ConstTensorMap<Scalar, Rank>(t.data(), t.dimensions());
 }
 

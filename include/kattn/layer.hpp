@@ -18,6 +18,7 @@
 #include "detail/bidirectional_core.hpp"
 #include "detail/call_checks.hpp"
 #include "detail/causal_core.hpp"
+#include "detail/input_views.hpp"
 #include "detail/pass.hpp"
 #include "detail/streaming_pass.hpp"
 #include "detail/workspace.hpp"
@@ -175,35 +176,46 @@ class KernelAttention {
    * \brief One forward pass over whole sequences.
    * \param query [B, T, D_q]
    * \param value [B, S, D_v]
-   * \param key [B, S, D_k]; absent: the value input is also the key input (D_k = D_v)
+   * \param key [B, S, D_k]; absent (std::nullopt): the value input is also the key input
    * \param attention_mask [B, S], 1 attend, 0 padding (other values scale the key features)
    * \param training dropout and redraw act only when true
    * \return [B, T, O]
    * \throws std::invalid_argument naming the tensor on any shape error
+   *
+   * Each input is any Eigen tensor, tensor map or tensor expression of the layer's Scalar, of
+   * either layout, or a `std::optional` of one. Row-major tensors and maps (kattn::Tensor,
+   * kattn::ConstTensorMap) are read in place; other inputs are first evaluated into row-major
+   * buffers that the layer keeps for its next calls (docs/layer.md, "Inputs").
    * \note Bidirectional cost O(B N (T + S) F (d + d_v)); causal likewise, plus O(T C) per head
    *       for the intra-chunk products.
    */
-  Tensor<Scalar, 3> forward(const ConstTensorMap<Scalar, 3>& query,
-                            const ConstTensorMap<Scalar, 3>& value,
-                            const std::optional<ConstTensorMap<Scalar, 3>>& key = std::nullopt,
-                            const std::optional<ConstTensorMap<Scalar, 2>>& attention_mask =
-                                std::nullopt,
+  template <typename Query, typename Value, typename Key = std::nullopt_t,
+            typename Mask = std::nullopt_t>
+  Tensor<Scalar, 3> forward(const Query& query, const Value& value, const Key& key = std::nullopt,
+                            const Mask& attention_mask = std::nullopt,
                             bool training = false) const {
-    Tensor<Scalar, 3> out = newOutput(query, value, key);
-    forwardInto(query, value, key, attention_mask, training, nullptr, TensorMap<Scalar, 3>(out));
+    Tensor<Scalar, 3> out;
+    withInputs(query, value, key, attention_mask, [&](const auto& q, const auto& v,
+                                                      const auto& k, const auto& m) {
+      out = newOutput(q, v, k);
+      forwardInto(q, v, k, m, training, nullptr, TensorMap<Scalar, 3>(out));
+    });
     return out;
   }
 
   /// As `forward`, writing into caller memory `output` [B, T, O].
-  void forward(const ConstTensorMap<Scalar, 3>& query, const ConstTensorMap<Scalar, 3>& value,
-               const std::optional<ConstTensorMap<Scalar, 3>>& key,
-               const std::optional<ConstTensorMap<Scalar, 2>>& attention_mask, bool training,
-               TensorMap<Scalar, 3> output) const {
-    forwardInto(query, value, key, attention_mask, training, nullptr, output);
+  template <typename Query, typename Value, typename Key, typename Mask>
+  void forward(const Query& query, const Value& value, const Key& key,
+               const Mask& attention_mask, bool training, TensorMap<Scalar, 3> output) const {
+    withInputs(query, value, key, attention_mask, [&](const auto& q, const auto& v,
+                                                      const auto& k, const auto& m) {
+      forwardInto(q, v, k, m, training, nullptr, output);
+    });
   }
 
   /**
    * \brief A fresh streaming state for `batch` rows (causal layers only).
+   * \param batch the number of sequences the state carries
    * \param mode Recurrent (the reference's decayed cache; the default when a decay is
    *        configured) or Exact (the whole-sequence pass for any C, W, decay; the default
    *        without decay).
@@ -228,76 +240,115 @@ class KernelAttention {
 
   /**
    * \brief One streaming call: the next T tokens of every batch row (query [B, T, D_q], value
-   * [B, T, D_v], key [B, T, D_k] or absent, mask [B, T] for these tokens), updating `state`.
-   * Inference only. \throws std::invalid_argument for a state of another shape or layer, a
-   * call that breaks a chunk in exact mode, or scale_by_length.
+   * [B, T, D_v], key [B, T, D_k] or std::nullopt, mask [B, T] or std::nullopt for these
+   * tokens), updating `state`. Inputs as for the whole-sequence forward. Inference only.
+   * \throws std::invalid_argument for a state of another shape or layer, a call that breaks a
+   * chunk in exact mode, or scale_by_length.
    */
-  Tensor<Scalar, 3> forward(const ConstTensorMap<Scalar, 3>& query,
-                            const ConstTensorMap<Scalar, 3>& value,
-                            const std::optional<ConstTensorMap<Scalar, 3>>& key,
-                            const std::optional<ConstTensorMap<Scalar, 2>>& attention_mask,
-                            StreamingState<Scalar>& state) const {
+  template <typename Query, typename Value, typename Key, typename Mask>
+  Tensor<Scalar, 3> forward(const Query& query, const Value& value, const Key& key,
+                            const Mask& attention_mask, StreamingState<Scalar>& state) const {
     requireStreaming();
-    Tensor<Scalar, 3> out = newOutput(query, value, key);
-    forwardInto(query, value, key, attention_mask, false, &state, TensorMap<Scalar, 3>(out));
+    Tensor<Scalar, 3> out;
+    withInputs(query, value, key, attention_mask, [&](const auto& q, const auto& v,
+                                                      const auto& k, const auto& m) {
+      out = newOutput(q, v, k);
+      forwardInto(q, v, k, m, false, &state, TensorMap<Scalar, 3>(out));
+    });
     return out;
   }
 
   /// As the streaming `forward`, writing into caller memory `output` [B, T, O]: a decode loop
   /// that reuses its output buffer allocates nothing per call.
-  void forward(const ConstTensorMap<Scalar, 3>& query, const ConstTensorMap<Scalar, 3>& value,
-               const std::optional<ConstTensorMap<Scalar, 3>>& key,
-               const std::optional<ConstTensorMap<Scalar, 2>>& attention_mask,
+  template <typename Query, typename Value, typename Key, typename Mask>
+  void forward(const Query& query, const Value& value, const Key& key, const Mask& attention_mask,
                StreamingState<Scalar>& state, TensorMap<Scalar, 3> output) const {
     requireStreaming();
-    forwardInto(query, value, key, attention_mask, false, &state, output);
+    withInputs(query, value, key, attention_mask, [&](const auto& q, const auto& v,
+                                                      const auto& k, const auto& m) {
+      forwardInto(q, v, k, m, false, &state, output);
+    });
   }
+
+  /**
+   * \brief One decode step of self-attention: the next token of every batch row, `x` [B, D],
+   * into `out` [B, O] (causal layers). Equal to the streaming forward of x as [B, 1, D].
+   *
+   * `x` and `out` are any Eigen matrices, maps or blocks (`out` writable); a packed row-major
+   * x or out is used in place, any other goes through a buffer the layer keeps. Once the layer
+   * has made a call of these shapes, a step allocates nothing.
+   */
+  template <typename X, typename Out>
+  void step(const Eigen::MatrixBase<X>& x, StreamingState<Scalar>& state,
+            const Eigen::MatrixBase<Out>& out) const {
+    requireStreaming();
+    step(x, x, state, out);
+  }
+
+  /// step() with separate query [B, D_q] and value [B, D_v] tokens (the value is the key).
+  template <typename Query, typename Value, typename Out>
+  void step(const Eigen::MatrixBase<Query>& query, const Eigen::MatrixBase<Value>& value,
+            StreamingState<Scalar>& state, const Eigen::MatrixBase<Out>& out) const;
 
   /**
    * \brief The attention core alone, on heads the caller projected (e.g. after rotary position
    * embeddings, or from a fused QKV projection): scaling, feature maps, masking, attention
-   * and, in training, dropout; no dense layers, so no weights are needed.
-   * \param q [B, T, N, d], \param k [B, S, N, d], \param v [B, S, N, d_v]
-   * \param attention_mask [B, S] or absent
+   * and, in training, dropout; no dense layers, so no weights are needed. Inputs as for
+   * forward, of rank 4.
+   * \param q [B, T, N, d]
+   * \param k [B, S, N, d]
+   * \param v [B, S, N, d_v]
+   * \param attention_mask [B, S] or std::nullopt
+   * \param training dropout and redraw act only when true
    * \return heads [B, T, N, d_v] (with begin_kernel: the softmax part's rows first)
    */
-  Tensor<Scalar, 4> attend(const ConstTensorMap<Scalar, 4>& q, const ConstTensorMap<Scalar, 4>& k,
-                           const ConstTensorMap<Scalar, 4>& v,
-                           const std::optional<ConstTensorMap<Scalar, 2>>& attention_mask =
-                               std::nullopt,
+  template <typename Q, typename K, typename V, typename Mask = std::nullopt_t>
+  Tensor<Scalar, 4> attend(const Q& q, const K& k, const V& v,
+                           const Mask& attention_mask = std::nullopt,
                            bool training = false) const {
-    Tensor<Scalar, 4> heads = newHeads(q.dimension(0), q.dimension(1));
-    attend(q, k, v, attention_mask, training, TensorMap<Scalar, 4>(heads));
+    Tensor<Scalar, 4> heads;
+    withHeads(q, k, v, attention_mask, [&](const auto& qh, const auto& kh, const auto& vh,
+                                           const auto& m) {
+      heads = newHeads(qh.dimension(0), qh.dimension(1));
+      run(headsPass(qh, kh, vh, m, TensorMap<Scalar, 4>(heads)), training, nullptr);
+    });
     return heads;
   }
 
   /// As attend(), writing into caller memory `heads` [B, T, N, d_v] (no allocation of the
   /// result: a server reusing its buffers avoids the first-touch cost of fresh pages).
-  void attend(const ConstTensorMap<Scalar, 4>& q, const ConstTensorMap<Scalar, 4>& k,
-              const ConstTensorMap<Scalar, 4>& v,
-              const std::optional<ConstTensorMap<Scalar, 2>>& attention_mask, bool training,
+  template <typename Q, typename K, typename V, typename Mask>
+  void attend(const Q& q, const K& k, const V& v, const Mask& attention_mask, bool training,
               TensorMap<Scalar, 4> heads) const {
-    run(headsPass(q, k, v, attention_mask, heads), training, nullptr);
+    withHeads(q, k, v, attention_mask, [&](const auto& qh, const auto& kh, const auto& vh,
+                                           const auto& m) {
+      run(headsPass(qh, kh, vh, m, heads), training, nullptr);
+    });
   }
 
   /// attend() for one streaming call (causal layers): the next T tokens' heads.
-  Tensor<Scalar, 4> attend(const ConstTensorMap<Scalar, 4>& q, const ConstTensorMap<Scalar, 4>& k,
-                           const ConstTensorMap<Scalar, 4>& v,
-                           const std::optional<ConstTensorMap<Scalar, 2>>& attention_mask,
+  template <typename Q, typename K, typename V, typename Mask>
+  Tensor<Scalar, 4> attend(const Q& q, const K& k, const V& v, const Mask& attention_mask,
                            StreamingState<Scalar>& state) const {
     requireStreaming();
-    Tensor<Scalar, 4> heads = newHeads(q.dimension(0), q.dimension(1));
-    attend(q, k, v, attention_mask, state, TensorMap<Scalar, 4>(heads));
+    Tensor<Scalar, 4> heads;
+    withHeads(q, k, v, attention_mask, [&](const auto& qh, const auto& kh, const auto& vh,
+                                           const auto& m) {
+      heads = newHeads(qh.dimension(0), qh.dimension(1));
+      run(headsPass(qh, kh, vh, m, TensorMap<Scalar, 4>(heads)), false, &state);
+    });
     return heads;
   }
 
   /// attend() for one streaming call, writing into caller memory `heads` [B, T, N, d_v].
-  void attend(const ConstTensorMap<Scalar, 4>& q, const ConstTensorMap<Scalar, 4>& k,
-              const ConstTensorMap<Scalar, 4>& v,
-              const std::optional<ConstTensorMap<Scalar, 2>>& attention_mask,
+  template <typename Q, typename K, typename V, typename Mask>
+  void attend(const Q& q, const K& k, const V& v, const Mask& attention_mask,
               StreamingState<Scalar>& state, TensorMap<Scalar, 4> heads) const {
     requireStreaming();
-    run(headsPass(q, k, v, attention_mask, heads), false, &state);
+    withHeads(q, k, v, attention_mask, [&](const auto& qh, const auto& kh, const auto& vh,
+                                           const auto& m) {
+      run(headsPass(qh, kh, vh, m, heads), false, &state);
+    });
   }
 
  private:
@@ -308,6 +359,32 @@ class KernelAttention {
                   "A streaming state needs a causal layer: use kattn::CausalWindowed masking.");
     static_assert(!Traits::bidirectional_only,
                   "This feature map uses whole-sequence statistics (expplus) and cannot stream.");
+  }
+
+  /// Calls `body(q, v, k, mask)` with row-major views of forward's inputs (self-attention's
+  /// forward(x, x) evaluates x once).
+  template <typename Query, typename Value, typename Key, typename Mask, typename Body>
+  void withInputs(const Query& query, const Value& value, const Key& key, const Mask& mask,
+                  Body&& body) const {
+    using Buffers = detail::InputBuffers<Scalar>;
+    detail::InputViews<Scalar> in(*m_inputs);
+    const ConstTensorMap<Scalar, 3> q = in.template tensor<3>(query, Buffers::kQuery, "query");
+    const ConstTensorMap<Scalar, 3> v =
+        detail::sameObject(query, value) ? q
+                                         : in.template tensor<3>(value, Buffers::kValue, "value");
+    body(q, v, in.template optionalTensor<3>(key, Buffers::kKey, "key"),
+         in.template optionalTensor<2>(mask, Buffers::kMask, "attention_mask"));
+  }
+
+  /// Calls `body(q, k, v, mask)` with row-major views of attend's inputs.
+  template <typename Q, typename K, typename V, typename Mask, typename Body>
+  void withHeads(const Q& q, const K& k, const V& v, const Mask& mask, Body&& body) const {
+    using Buffers = detail::InputBuffers<Scalar>;
+    detail::InputViews<Scalar> in(*m_inputs);
+    body(in.template tensor<4>(q, Buffers::kQuery, "q"),
+         in.template tensor<4>(k, Buffers::kKey, "k"),
+         in.template tensor<4>(v, Buffers::kValue, "v"),
+         in.template optionalTensor<2>(mask, Buffers::kMask, "attention_mask"));
   }
 
   /// Keras's lazy build: the first forward of a layer without weights draws them from the
@@ -374,7 +451,7 @@ class KernelAttention {
                 TensorMap<Scalar, 3>(nullptr, 0, 0, 0));
     if (heads_given) pass.sink = detail::HeadsSink::Caller;
     pass.projection = m_config.hasProjection() ? &m_projection : nullptr;
-    pass.scales.assign(std::size_t(B), Scalar(m_scale));
+    pass.scales = detail::BatchScales<Scalar>{Scalar(m_scale), {}};
     return pass;
   }
 
@@ -417,70 +494,9 @@ class KernelAttention {
   // Reusable buffers; shared by copies of the layer (they are only scratch space).
   std::shared_ptr<detail::WorkspacePool<Scalar>> m_workspace =
       std::make_shared<detail::WorkspacePool<Scalar>>();
+  std::shared_ptr<detail::InputBufferPool<Scalar>> m_inputs =
+      std::make_shared<detail::InputBufferPool<Scalar>>();
 };
-
-template <typename Scalar, typename FeatureMap, typename Masking>
-Tensor<Scalar, 3> KernelAttention<Scalar, FeatureMap, Masking>::newOutput(
-    const ConstTensorMap<Scalar, 3>& query, const ConstTensorMap<Scalar, 3>& value,
-    const std::optional<ConstTensorMap<Scalar, 3>>& key) const {
-  buildOnFirstCall(query.dimension(2), value.dimension(2),
-                   key ? key->dimension(2) : value.dimension(2));
-  const Index B = query.dimension(0), T = query.dimension(1), O = outputDimOrThrow();
-  checkAllocation(double(B) * double(T) * double(O), sizeof(Scalar), [&] {
-    return "the output [B, T, O] = " + shapeString(std::array<Index, 3>{B, T, O});
-  });
-  return Tensor<Scalar, 3>(B, T, O);
-}
-
-template <typename Scalar, typename FeatureMap, typename Masking>
-void KernelAttention<Scalar, FeatureMap, Masking>::forwardInto(
-    const ConstTensorMap<Scalar, 3>& query, const ConstTensorMap<Scalar, 3>& value,
-    const std::optional<ConstTensorMap<Scalar, 3>>& key,
-    const std::optional<ConstTensorMap<Scalar, 2>>& mask, bool training,
-    StreamingState<Scalar>* state, TensorMap<Scalar, 3> output) const {
-  buildOnFirstCall(query.dimension(2), value.dimension(2),
-                   key ? key->dimension(2) : value.dimension(2));
-  const Index O = outputDimOrThrow();
-  if (m_drawn_on_first_call) {
-    detail::checkFirstCallWidths<Scalar>(query, value, key, queryInputDim(), valueInputDim(),
-                                         keyInputDim());
-  }
-  const detail::CallInputs<Scalar> in = detail::inputsCall<Scalar>(
-      query, value, key, mask, Masking::causal, queryInputDim(), valueInputDim(), keyInputDim());
-  checkShape<3>("output", output.dimensions(), {in.B, in.T, O});
-  run(newPass(in, output), training, state);
-}
-
-template <typename Scalar, typename FeatureMap, typename Masking>
-void KernelAttention<Scalar, FeatureMap, Masking>::run(detail::Pass<Scalar> pass, bool training,
-                                                       StreamingState<Scalar>* state) const {
-  if constexpr (Masking::causal) {
-    if (state) {
-      if (m_config.scale_by_length) {
-        throw std::invalid_argument("scale_by_length: not supported with a streaming state (no "
-                                    "causal definition agrees with the whole-sequence pass)");
-      }
-      detail::StreamingCore<Scalar, FeatureMap>::check(*state, pass, m_masking, numFeatures());
-    }
-  }
-  pass.scales = detail::batchScales<Scalar>(m_scale, m_config.scale_by_length, pass.in);
-  const bool random_call = training && (m_config.dropout > 0 || m_config.redraw);
-  const std::uint64_t call = random_call ? m_training_calls.value.fetch_add(1) : 0;
-  Mat redrawn;
-  pass.projection = detail::callProjection(m_config, m_projection, training, call, redrawn);
-  pass.dropout = detail::Dropout{m_config.dropout, m_config.seed, call,
-                                 training && m_config.dropout > 0};
-  if (pass.in.B == 0 || pass.in.T == 0) return;
-  if constexpr (Masking::causal) {
-    if (state) {
-      detail::StreamingCore<Scalar, FeatureMap>::run(pass, *state);
-    } else {
-      Core::run(pass, m_masking);
-    }
-  } else {
-    Core::run(pass, m_config.begin_kernel, m_config.is_short_seq);
-  }
-}
 
 /// Short aliases for the common instantiations.
 template <typename Scalar, typename FeatureMap>
@@ -488,4 +504,5 @@ using CausalKernelAttention = KernelAttention<Scalar, FeatureMap, CausalWindowed
 
 }  // namespace kattn
 
+#include "detail/layer_calls.hpp"
 #include "extern_templates.hpp"

@@ -92,15 +92,16 @@ CallInputs<Scalar> headsCall(const ConstTensorMap<Scalar, 4>& q, const ConstTens
   return in;
 }
 
-/// Per batch row scale s_b (SPEC 1.2): `scale`, or with scale_by_length
+/// The scales of a call: `scale`, or with scale_by_length
 /// scale ln(sum_j mask[b, j]) / ln(512), which needs a mask whose rows sum to at least 1.
 template <typename Scalar>
-std::vector<Scalar> batchScales(double scale, bool scale_by_length, const CallInputs<Scalar>& in) {
-  std::vector<Scalar> s(std::size_t(in.B), Scalar(scale));
+BatchScales<Scalar> batchScales(double scale, bool scale_by_length, const CallInputs<Scalar>& in) {
+  BatchScales<Scalar> s{Scalar(scale), {}};
   if (!scale_by_length) return s;
   if (!in.mask) {
     throw std::invalid_argument("attention_mask: scale_by_length needs a mask (none given)");
   }
+  s.rows.assign(std::size_t(in.B), Scalar(scale));
   for (Index b = 0; b < in.B; ++b) {
     Scalar total = 0;
     for (Index j = 0; j < in.S; ++j) total += in.mask[b * in.S + j];
@@ -109,7 +110,7 @@ std::vector<Scalar> batchScales(double scale, bool scale_by_length, const CallIn
                                   "least 1; row " + std::to_string(b) + " sums to " +
                                   numberString(double(total)));
     }
-    s[std::size_t(b)] = Scalar(scale) * std::log(total) / std::log(Scalar(512));
+    s.rows[std::size_t(b)] = Scalar(scale) * std::log(total) / std::log(Scalar(512));
   }
   return s;
 }

@@ -176,13 +176,22 @@ void causalSlidingChunk(const CausalParams& p, CausalHeadState<Scalar>& st,
   }
   // The window's sum is kv plus the decayed older suffix (windowSum), read out here without
   // forming it: two products instead of a copy of the state per chunk.
-  Vector<Scalar> den = (qf * st.z).array() + Scalar(kNormaliserEps);
   out.noalias() = qf * st.kv;
-  if (!front_empty) {
-    const Scalar g = std::pow(gamma, Scalar(st.ring_kv.size()));
-    den.noalias() += g * (qf * st.front_z[st.front_pos]);
-    out.noalias() += g * (qf * st.front_kv[st.front_pos]);
+  const Scalar g = front_empty ? Scalar(0) : std::pow(gamma, Scalar(st.ring_kv.size()));
+  if (qf.rows() == 1) {
+    // A decode step's one row. Eigen's matrix-vector product copies a scaled row into a
+    // temporary, and the normaliser would be a vector: neither allocates here.
+    Scalar den = qf.row(0).dot(st.z) + Scalar(kNormaliserEps);
+    if (!front_empty) {
+      out.noalias() += g * qf.lazyProduct(st.front_kv[st.front_pos]);
+      den += g * qf.row(0).dot(st.front_z[st.front_pos]);
+    }
+    out /= den;
+    return;
   }
+  if (!front_empty) out.noalias() += g * (qf * st.front_kv[st.front_pos]);
+  Vector<Scalar> den = (qf * st.z).array() + Scalar(kNormaliserEps);
+  if (!front_empty) den.noalias() += g * (qf * st.front_z[st.front_pos]);
   divideRows<Scalar>(out, den);
 }
 

@@ -216,8 +216,14 @@ struct CausalHeadState {
       // front[k] = sum_{j >= k} gamma^(n-1-j) term_j: weights relative to the newest chunk.
       Scalar weight = Scalar(1);
       for (std::size_t k = n; k-- > 0;) {
-        front_kv[k] = weight * ringTerm(k);
-        front_z[k] = weight * ringZ(k);
+        // Into the front's own matrices, which keep their memory from one rebuild to the next.
+        if (ring_n[k] == 0) {
+          front_kv[k] = weight * ring_kv[k];
+          front_z[k] = weight * ring_z[k];
+        } else {
+          front_kv[k].noalias() = weight * (ringK(k).transpose() * ringV(k));
+          front_z[k].noalias() = weight * ringK(k).colwise().sum().transpose();
+        }
         if (k + 1 < n) {
           front_kv[k] += front_kv[k + 1];
           front_z[k] += front_z[k + 1];

@@ -22,6 +22,15 @@
 namespace kattn {
 namespace detail {
 
+/// Per batch row scale s_b (SPEC 1.2): one value for every row, or with scale_by_length one
+/// per row. Without scale_by_length it holds no array, so a decode step allocates nothing.
+template <typename Scalar>
+struct BatchScales {
+  Scalar uniform = Scalar(1);
+  std::vector<Scalar> rows;  ///< empty: every row's scale is `uniform`
+  Scalar operator[](std::size_t b) const { return rows.empty() ? uniform : rows[b]; }
+};
+
 /// N heads, d = key_dim, d_v = value_dim.
 struct HeadDims {
   Index heads = 1, key_dim = 1, value_dim = 1;
@@ -110,7 +119,7 @@ struct Pass {
   Scalar* heads_out = nullptr;                ///< Caller: [B, T, N d_v]
   const Weights<Scalar>* weights = nullptr;   ///< for RowSource::Projections and OutputDense
   const Mat* projection = nullptr;            ///< this call's P [m, d], or null
-  std::vector<Scalar> scales;                 ///< s_b per batch row (SPEC 1.2)
+  BatchScales<Scalar> scales;                 ///< s_b per batch row (SPEC 1.2)
   const ThreadPool* pool = nullptr;           ///< the layer's pool, or null
   WorkspacePool<Scalar>* workspaces = nullptr;
   CoreForm form = CoreForm::Auto;

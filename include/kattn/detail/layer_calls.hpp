@@ -1,0 +1,104 @@
+#pragma once
+/// \file
+/// \private The KernelAttention members defined outside the class: the calls' entry points
+/// (newOutput, forwardInto, step) and the dispatcher run(). Out of the class so that
+/// KATTN_EXTERN_TEMPLATES can keep the heavy ones out of a translation unit; included at the
+/// end of layer.hpp.
+
+#include <array>
+#include <cstdint>
+#include <optional>
+#include <stdexcept>
+
+#include "../layer.hpp"
+
+namespace kattn {
+
+template <typename Scalar, typename FeatureMap, typename Masking>
+template <typename Query, typename Value, typename Out>
+void KernelAttention<Scalar, FeatureMap, Masking>::step(const Eigen::MatrixBase<Query>& query,
+                                                        const Eigen::MatrixBase<Value>& value,
+                                                        StreamingState<Scalar>& state,
+                                                        const Eigen::MatrixBase<Out>& out) const {
+  requireStreaming();
+  using Buffers = detail::InputBuffers<Scalar>;
+  // Eigen's convention for an output argument: taken by const reference so that a temporary
+  // block (y.topRows(2)) binds to it, and written through the derived object.
+  Out& y = const_cast<Out&>(out.derived());
+  detail::InputViews<Scalar> in(*m_inputs);
+  const ConstTensorMap<Scalar, 3> q = in.tokens(query, Buffers::kQuery, "query");
+  const ConstTensorMap<Scalar, 3> v = detail::sameObject(query.derived(), value.derived())
+                                          ? q
+                                          : in.tokens(value, Buffers::kValue, "value");
+  buildOnFirstCall(q.dimension(2), v.dimension(2), v.dimension(2));
+  checkShape<2>("step: out", std::array<Index, 2>{y.rows(), y.cols()},
+                {q.dimension(0), outputDimOrThrow()});
+  const TensorMap<Scalar, 3> rows = in.outputRows(y);
+  forwardInto(q, v, std::nullopt, std::nullopt, false, &state, rows);
+  in.copyOut(rows, y);
+}
+
+template <typename Scalar, typename FeatureMap, typename Masking>
+Tensor<Scalar, 3> KernelAttention<Scalar, FeatureMap, Masking>::newOutput(
+    const ConstTensorMap<Scalar, 3>& query, const ConstTensorMap<Scalar, 3>& value,
+    const std::optional<ConstTensorMap<Scalar, 3>>& key) const {
+  buildOnFirstCall(query.dimension(2), value.dimension(2),
+                   key ? key->dimension(2) : value.dimension(2));
+  const Index B = query.dimension(0), T = query.dimension(1), O = outputDimOrThrow();
+  checkAllocation(double(B) * double(T) * double(O), sizeof(Scalar), [&] {
+    return "the output [B, T, O] = " + shapeString(std::array<Index, 3>{B, T, O});
+  });
+  return Tensor<Scalar, 3>(B, T, O);
+}
+
+template <typename Scalar, typename FeatureMap, typename Masking>
+void KernelAttention<Scalar, FeatureMap, Masking>::forwardInto(
+    const ConstTensorMap<Scalar, 3>& query, const ConstTensorMap<Scalar, 3>& value,
+    const std::optional<ConstTensorMap<Scalar, 3>>& key,
+    const std::optional<ConstTensorMap<Scalar, 2>>& mask, bool training,
+    StreamingState<Scalar>* state, TensorMap<Scalar, 3> output) const {
+  buildOnFirstCall(query.dimension(2), value.dimension(2),
+                   key ? key->dimension(2) : value.dimension(2));
+  const Index O = outputDimOrThrow();
+  if (m_drawn_on_first_call) {
+    detail::checkFirstCallWidths<Scalar>(query, value, key, queryInputDim(), valueInputDim(),
+                                         keyInputDim());
+  }
+  const detail::CallInputs<Scalar> in = detail::inputsCall<Scalar>(
+      query, value, key, mask, Masking::causal, queryInputDim(), valueInputDim(), keyInputDim());
+  checkShape<3>("output", output.dimensions(), {in.B, in.T, O});
+  run(newPass(in, output), training, state);
+}
+
+template <typename Scalar, typename FeatureMap, typename Masking>
+void KernelAttention<Scalar, FeatureMap, Masking>::run(detail::Pass<Scalar> pass, bool training,
+                                                       StreamingState<Scalar>* state) const {
+  if constexpr (Masking::causal) {
+    if (state) {
+      if (m_config.scale_by_length) {
+        throw std::invalid_argument("scale_by_length: not supported with a streaming state (no "
+                                    "causal definition agrees with the whole-sequence pass)");
+      }
+      detail::StreamingCore<Scalar, FeatureMap>::check(*state, pass, m_masking, numFeatures());
+    }
+  }
+  pass.scales = detail::batchScales<Scalar>(m_scale, m_config.scale_by_length, pass.in);
+  const bool random_call = training && (m_config.dropout > 0 || m_config.redraw);
+  const std::uint64_t call = random_call ? m_training_calls.value.fetch_add(1) : 0;
+  Mat redrawn;
+  pass.projection = detail::callProjection(m_config, m_projection, training, call, redrawn);
+  pass.dropout = detail::Dropout{m_config.dropout, m_config.seed, call,
+                                 training && m_config.dropout > 0};
+  if (pass.in.B == 0 || pass.in.T == 0) return;
+  if constexpr (Masking::causal) {
+    if (state) {
+      detail::StreamingCore<Scalar, FeatureMap>::run(pass, *state);
+    } else {
+      Core::run(pass, m_masking);
+    }
+  } else {
+    Core::run(pass, m_config.begin_kernel, m_config.is_short_seq);
+  }
+}
+
+}  // namespace kattn

@@ -320,7 +320,7 @@ class Layer {
     });
   }
 
-  void setProjection(const py::handle& P) {
+  void setProjection(const py::object& P) {
     exclusive([&](auto& l) {
       using Scalar = ScalarOfT<decltype(l)>;
       const auto a = inputArray<Scalar>(P, "projection_matrix", 2, "[M, key_dim]");
@@ -337,8 +337,8 @@ class Layer {
     return shared([&](const auto& l) { return State(l.makeState(batch, m)); });
   }
 
-  py::array forward(const py::handle& query, const py::handle& value, const py::handle& key,
-                    const py::handle& mask, bool training, State* state) {
+  py::array forward(const py::object& query, const py::object& value, const py::object& key,
+                    const py::object& mask, bool training, State* state) {
     if (state && training) {
       throw py::value_error("training: a streaming call (with a state) is inference only");
     }
@@ -355,7 +355,7 @@ class Layer {
         m_layer);
   }
 
-  py::array step(const py::handle& x, State& state) {
+  py::array step(const py::object& x, State& state) {
     return std::visit(
         [&](auto& l) -> py::array {
           using Scalar = ScalarOfT<decltype(l)>;
@@ -467,7 +467,7 @@ PYBIND11_MODULE(kattn, m) {
       .def("k_sum", [](const State& s) {
         return s.locked([](const auto& st) -> py::array { return toNumpy(st.kSum()); });
       }, "The reference's cache tensor cache/k_sum [B, N, F] (a copy).")
-      .def("set_cache", [](State& s, const py::handle& kv, const py::handle& k_sum) {
+      .def("set_cache", [](State& s, const py::object& kv, const py::object& k_sum) {
         s.locked([&](auto& st) {
           using Scalar = ScalarOfT<decltype(st)>;
           const auto a = inputArray<Scalar>(kv, "cache/kv", 4, "[B, N, d_v, F]");

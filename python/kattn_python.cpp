@@ -400,8 +400,9 @@ class Layer {
     std::optional<kattn::ConstTensorMap<Scalar, 2>> mv;
     if (k) kv.emplace(view<Scalar, 3>(*k));
     if (m) mv.emplace(view<Scalar, 2>(*m));
-    // The arrays stay referenced by the caller's frame; only kattn's own memory is touched
-    // without the GIL. The locks are released before the GIL is taken back.
+    // The input arrays are read without the GIL (the call's arguments keep them alive); no
+    // Python object is touched until it is back. The locks go before the GIL is taken back, so
+    // a thread that waits for the GIL never holds them.
     py::gil_scoped_release no_gil;
     std::shared_lock<std::shared_mutex> lock(m_mutex);
     if (!state) return l.forward(q, v, kv, mv, training);

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command of the README (and of .ci/run): installs what is missing, then builds and
-# runs the suite in two builds:
+# runs the suite in three builds:
 #   1. g++, warnings as errors, AddressSanitizer + UndefinedBehaviorSanitizer, Eigen's
 #      internal assertions on, plus the installed-package consumer test;
 #   2. clang++, warnings as errors, NDEBUG, ThreadSanitizer, plus every public header
@@ -9,6 +9,8 @@
 #      streaming and training calls, results across thread counts), golden_test (every golden
 #      case on one and two threads) and the edge cases of every path (sizes_test, masks_test,
 #      non_finite_test, causal_extremes_test).
+#   3. the Python module (python/), g++ -O1 without sanitizers (an extension cannot load their
+#      runtime), and its unittest suite: every golden case through the Python API.
 # The suite is compile-bound (Eigen templates under the sanitizers), so both builds optimise
 # little: -O2 would double the build. g++ at -Og: on a 2-core AVX2 machine an instance unit
 # of the layers compiles in 130 s at -Og against 201 s at -O1, and the heaviest tests run
@@ -38,3 +40,14 @@ run_suite gcc-sanitize g++ -DCMAKE_BUILD_TYPE=None -DCMAKE_CXX_FLAGS=-Og -DKATTN
 run_suite clang-tsan clang++ -DCMAKE_BUILD_TYPE=None "-DCMAKE_CXX_FLAGS=-O1 -DNDEBUG" \
           -DKATTN_SANITIZE=thread -DKATTN_PACKAGE_TEST=OFF -DKATTN_BUILD_EXAMPLES=OFF \
           "-DKATTN_TESTS=concurrency_test;golden_test;sizes_test;masks_test;non_finite_test;causal_extremes_test"
+
+# Debian's interpreter: the packages install-deps.sh adds (numpy, pybind11) are its, and a
+# python3 earlier in PATH (pyenv, a venv) may lack them.
+python=/usr/bin/python3
+cmake -S . -B build-test-python -DCMAKE_CXX_COMPILER=g++ -DKATTN_WERROR=ON \
+      -DCMAKE_BUILD_TYPE=None -DCMAKE_CXX_FLAGS=-O1 -DKATTN_BUILD_TESTS=OFF \
+      -DKATTN_BUILD_EXAMPLES=OFF -DKATTN_BUILD_BENCHMARKS=OFF -DKATTN_BUILD_PYTHON=ON \
+      -DPython3_EXECUTABLE="$python"
+cmake --build build-test-python -j "$jobs" --target kattn_python
+PYTHONPATH="$PWD/build-test-python/python" KATTN_SHARED_DIR="$shared" \
+  "$python" -m unittest discover -s python/tests -v

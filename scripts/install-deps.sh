@@ -2,7 +2,8 @@
 # Installs what kattn's build, tests, benchmarks and demo need from Debian's packages.
 # Does nothing when everything is there already.
 set -euo pipefail
-pkgs=(cmake g++ clang libclang-rt-dev libeigen3-dev nlohmann-json3-dev libgtest-dev libbenchmark-dev)
+pkgs=(cmake g++ clang libclang-rt-dev libeigen3-dev nlohmann-json3-dev libgtest-dev libbenchmark-dev
+      doxygen)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

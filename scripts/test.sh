@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The test command of the README (and of .ci/run): installs what is missing, then builds and
-# runs the suite in three builds:
+# The test command of the README (and of .ci/run): installs what is missing, builds the API
+# reference (doxygen over the public headers: any doxygen warning, such as an undocumented
+# public member or a \param naming no parameter, fails it), then builds and runs the suite in
+# three builds:
 #   1. g++, warnings as errors, AddressSanitizer + UndefinedBehaviorSanitizer, Eigen's
 #      internal assertions on, plus the installed-package consumer test;
 #   2. clang++, warnings as errors, NDEBUG, ThreadSanitizer, plus every public header
@@ -21,6 +23,11 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/install-deps.sh
 jobs=${KATTN_TEST_JOBS:-$(nproc)}
 shared=${KATTN_SHARED_DIR:-$(cd .. && pwd)/shared}
+
+# Configures nothing to compile (no tests, examples, benchmarks): doxygen only.
+cmake -S . -B build-test-docs -DKATTN_BUILD_TESTS=OFF -DKATTN_BUILD_EXAMPLES=OFF \
+      -DKATTN_BUILD_BENCHMARKS=OFF -DKATTN_INSTALL=OFF
+cmake --build build-test-docs --target kattn_docs
 
 run_suite() {  # name compiler extra-cmake-args...
   local dir=build-test-$1 cxx=$2

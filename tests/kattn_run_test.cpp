@@ -19,6 +19,7 @@
 #include <vector>
 
 #include <kattn/io/config_json.hpp>
+#include <kattn/io/weights.hpp>
 
 #include "golden_cases.hpp"
 #include "test_support.hpp"
@@ -507,6 +508,95 @@ TEST(KattnRun, ThreadCountDoesNotChangeResults) {
   }
 }
 
+// ---------------------------------------------------------------------------------------
+// --weights-naming
+
+TEST(KattnRun, TorchNamingGivesTheKerasRunsOutput) {
+  SmallLayer small;
+  TempDir dir("kattn_run_test");
+  small.writeAllFiles(dir);
+  expectSuccess(runCli(baseArgs(dir, "float64"), dir));
+  const std::string keras_out = readAll(dir.file("out.safetensors"));
+
+  SafeTensorsWriter w;
+  kattn::io::addWeights(w, small.weights, kattn::io::WeightNaming::torch());
+  w.write(dir.file("weights.safetensors"));
+  auto args = baseArgs(dir, "float64");
+  args.insert(args.end(), {"--weights-naming", "torch"});
+  expectSuccess(runCli(args, dir));
+  EXPECT_EQ(readAll(dir.file("out.safetensors")), keras_out);
+
+  // Under the Keras names (the default) the same file is missing query/kernel.
+  expectError(runCli(baseArgs(dir, "float64"), dir), 1, {"missing tensor 'query/kernel'"});
+}
+
+TEST(KattnRun, JsonNamingWithAPrefixReadsOneLayerOfACheckpoint) {
+  SmallLayer small;
+  TempDir dir("kattn_run_test");
+  small.writeAllFiles(dir);
+  expectSuccess(runCli(baseArgs(dir, "float64"), dir));
+  const std::string keras_out = readAll(dir.file("out.safetensors"));
+
+  kattn::io::WeightNaming naming;
+  naming.setPrefix("model.layers.3.attn.");
+  const char* const modules[] = {"q_proj", "k_proj", "v_proj", "out_proj"};
+  for (std::size_t i = 0; i < 8; ++i) {
+    naming.set(kattn::io::kWeightVariables[i],
+               std::string(modules[i / 2]) + (i % 2 ? ".bias" : ".weight"),
+               kattn::io::WeightLayout::TorchLinear);
+  }
+  nlohmann::json map = {{"prefix", naming.prefix()}};
+  for (std::size_t i = 0; i < 8; ++i) {
+    const char* v = kattn::io::kWeightVariables[i];
+    map[v] = {{"name", naming.entry(v).name}, {"layout", "torch_linear"}};
+  }
+  writeAll(dir.file("naming.json"), map.dump(2));
+  SafeTensorsWriter w;
+  kattn::io::addWeights(w, small.weights, naming);
+  w.add("model.embed_tokens.weight", Tensor<double, 2>(3, 5).setZero());  // another layer's
+  w.write(dir.file("weights.safetensors"));
+  auto args = baseArgs(dir, "float64");
+  args.insert(args.end(), {"--weights-naming", dir.file("naming.json")});
+  expectSuccess(runCli(args, dir));
+  EXPECT_EQ(readAll(dir.file("out.safetensors")), keras_out);
+
+  // Under the prefix, a tensor the layer does not read is still an error.
+  w.add("model.layers.3.attn.rotary.inv_freq", Tensor<double, 1>(2).setZero());
+  w.write(dir.file("weights.safetensors"));
+  expectError(runCli(args, dir), 1,
+              {"tensor 'model.layers.3.attn.rotary.inv_freq' is not read", "not a weight"});
+}
+
+TEST(KattnRun, BadWeightsNaming) {
+  SmallLayer small;
+  TempDir dir("kattn_run_test");
+  small.writeAllFiles(dir);
+  auto args = baseArgs(dir, "float64");
+  args.insert(args.end(), {"--weights-naming", dir.file("naming.json")});
+  expectError(runCli(args, dir), 1, {"cannot open weight naming", "naming.json"});
+  writeAll(dir.file("naming.json"),
+           std::string(R"({"query/kernel": {"name": "q.weight", "layout": "pytorch"}})"));
+  expectError(runCli(args, dir), 1,
+              {"naming.json", "query/kernel.layout: expected \"keras\" or \"torch_linear\""});
+  writeAll(dir.file("naming.json"), std::string("{\"prefix\": "));
+  expectError(runCli(args, dir), 1, {"naming.json", "weight naming: not valid JSON"});
+
+  // A Keras file read as torch: the missing tensor under its torch name, and what it stands for.
+  args.back() = "torch";
+  expectError(runCli(args, dir), 1,
+              {"missing tensor 'to_q.weight'", "(Keras query/kernel, torch_linear layout)"});
+
+  // A bias the config does not read is named with the variable it stands for.
+  kattn::LayerConfig no_bias = small.config;
+  no_bias.use_bias = false;
+  writeAll(dir.file("layer.json"), kattn::io::configToJson(no_bias).dump());
+  SafeTensorsWriter w;
+  kattn::io::addWeights(w, small.weights, kattn::io::WeightNaming::torch());
+  w.write(dir.file("weights.safetensors"));
+  expectError(runCli(args, dir), 1,
+              {"tensor 'to_k.bias' is not read", "it is key/bias", "use_bias = false"});
+}
+
 TEST(KattnRun, Help) {
   TempDir dir("kattn_run_test");
   for (const char* flag : {"--help", "-h"}) {
@@ -514,6 +604,7 @@ TEST(KattnRun, Help) {
     EXPECT_EQ(r.code, 0);
     EXPECT_NE(r.out.find("usage: kattn-run --config FILE"), std::string::npos) << r.out;
     EXPECT_NE(r.out.find("--state-out"), std::string::npos);
+    EXPECT_NE(r.out.find("--weights-naming"), std::string::npos);
     EXPECT_TRUE(r.err.empty()) << r.err;
   }
 }

@@ -10,6 +10,7 @@
 #include <fstream>
 #include <iostream>
 #include <iterator>
+#include <map>
 #include <new>
 #include <optional>
 #include <set>
@@ -17,6 +18,7 @@
 #include <stdexcept>
 #include <string>
 #include <system_error>
+#include <utility>
 #include <vector>
 
 #include <kattn/any_layer.hpp>
@@ -30,7 +32,7 @@ namespace {
 constexpr const char* kUsage =
     R"(usage: kattn-run --config FILE --weights FILE --inputs FILE --output FILE
                  [--stream] [--state-in FILE] [--state-out FILE]
-                 [--dtype float32|float64] [--threads N]
+                 [--weights-naming keras|torch|FILE] [--dtype float32|float64] [--threads N]
 
 Runs one kernel attention layer (the TF Model Garden KernelAttention) over safetensors files.
 
@@ -38,6 +40,11 @@ Runs one kernel attention layer (the TF Model Garden KernelAttention) over safet
   --weights FILE    the Keras variables (query/kernel, query/bias, ..., attention_output/bias)
                     and optionally projection_matrix [m, key_dim]; without it the projection
                     is drawn from the config's seed, as the reference does
+  --weights-naming NAMING
+                    the names and layout of the weights: keras (the default, as above),
+                    torch (nn.Linear tensors to_q.weight [N*d, Dq], to_q.bias, to_k.*,
+                    to_v.*, to_out.*; to_out_softmax.* with begin_kernel), or a JSON
+                    name map FILE (docs/weights.md)
   --inputs FILE     query [B,T,Dq], value [B,S,Dv], optional key [B,S,Dk] and
                     attention_mask [B,S]; with --stream optionally the reference's cache
                     cache/kv [B,N,dv,m] and cache/k_sum [B,N,m] (absent: a fresh state)
@@ -68,6 +75,7 @@ enum class DType { Float32, Float64 };
 
 struct Options {
   std::string config, weights, inputs, output;
+  std::string weights_naming = "keras";  // keras, torch, or a JSON name map's path
   std::optional<std::string> state_in, state_out;
   bool stream = false;
   DType dtype = DType::Float32;
@@ -96,8 +104,9 @@ Options parseArgs(int argc, char** argv) {
     o.help = true;
     return o;
   }
-  const std::set<std::string> valued = {"--config",   "--weights",   "--inputs", "--output",
-                                        "--state-in", "--state-out", "--dtype",  "--threads"};
+  const std::set<std::string> valued = {"--config",   "--weights",   "--inputs",
+                                        "--output",   "--state-in",  "--state-out",
+                                        "--dtype",    "--threads",   "--weights-naming"};
   std::set<std::string> seen;
   for (std::size_t i = 0; i < args.size(); ++i) {
     const std::string& arg = args[i];
@@ -127,6 +136,7 @@ Options parseArgs(int argc, char** argv) {
 
     if (name == "--config") o.config = value;
     if (name == "--weights") o.weights = value;
+    if (name == "--weights-naming") o.weights_naming = value;
     if (name == "--inputs") o.inputs = value;
     if (name == "--output") o.output = value;
     if (name == "--state-in") o.state_in = value;
@@ -205,28 +215,52 @@ kattn::LayerConfig loadConfig(const std::string& path) {
   }
 }
 
+kattn::io::WeightNaming loadNaming(const std::string& value) {
+  if (value == "keras") return kattn::io::WeightNaming::keras();
+  if (value == "torch") return kattn::io::WeightNaming::torch();
+  const std::string text = readFile(value, "weight naming");
+  try {
+    return kattn::io::WeightNaming::fromJsonText(text);
+  } catch (const std::invalid_argument& e) {
+    throw std::runtime_error(singleQuoted(value) + ": " + e.what());
+  }
+}
+
 /// Rejects tensors the run would not read, so that a misspelt name ("mask") or a weight the
-/// config ignores (a bias with use_bias false) is an error rather than silently unused.
-void checkWeightNames(const kattn::io::SafeTensors& file, const kattn::LayerConfig& c) {
-  const std::string biases[] = {"query/bias", "key/bias", "value/bias", "attention_output/bias"};
-  std::set<std::string> read = {"query/kernel", "key/kernel", "value/kernel",
-                                "attention_output/kernel"};
-  if (c.use_bias) read.insert(std::begin(biases), std::end(biases));
-  if (c.begin_kernel > 0) {
-    read.insert("attention_output_softmax/kernel");
-    if (c.use_bias) read.insert("attention_output_softmax/bias");
+/// config ignores (a bias with use_bias false) is an error rather than silently unused. With
+/// a prefix, only the names under it are the layer's: a checkpoint holds other layers too.
+void checkWeightNames(const kattn::io::SafeTensors& file, const kattn::LayerConfig& c,
+                      const kattn::io::WeightNaming& naming) {
+  std::map<std::string, std::string> variable_of;  // file name -> Keras variable
+  for (const char* v : kattn::io::kWeightVariables) variable_of[naming.fileName(v)] = v;
+  const auto isBias = [](const std::string& v) {
+    return v.size() > 5 && v.compare(v.size() - 5, 5, "/bias") == 0;
+  };
+  std::set<std::string> read;
+  for (const char* v : kattn::io::kWeightVariables) {
+    const bool softmax_part = std::string(v).rfind("attention_output_softmax/", 0) == 0;
+    if ((!isBias(v) || c.use_bias) && (!softmax_part || c.begin_kernel > 0)) {
+      read.insert(naming.fileName(v));
+    }
   }
   if (c.hasProjection()) read.insert("projection_matrix");
   for (const std::string& name : file.names()) {
     if (read.count(name)) continue;
+    const auto it = variable_of.find(name);
+    const std::string variable = it == variable_of.end() ? name : it->second;
+    if (it == variable_of.end() && name != "projection_matrix" && !naming.prefix().empty() &&
+        name.rfind(naming.prefix(), 0) != 0) {
+      continue;
+    }
     std::string why;
-    if (!c.use_bias && (std::count(std::begin(biases), std::end(biases), name) ||
-                        name == "attention_output_softmax/bias")) {
+    if (it != variable_of.end() && !c.use_bias && isBias(variable)) {
       why = "the config has use_bias = false";
     }
-    if (name.rfind("attention_output_softmax/", 0) == 0 && c.begin_kernel == 0) {
+    if (it != variable_of.end() && variable.rfind("attention_output_softmax/", 0) == 0 &&
+        c.begin_kernel == 0) {
       why = "the config has begin_kernel = 0 (no softmax part)";
     }
+    if (!why.empty() && variable != name) why = "it is " + variable + ", and " + why;
     if (name == "projection_matrix") {
       why = "the config has num_random_features = " + std::to_string(c.num_random_features) +
             " (no projection)";
@@ -317,10 +351,14 @@ void run(const Options& opt, const kattn::LayerConfig& config) {
   kattn::AnyKernelAttention<Scalar> layer(config);  // draws the projection from the seed
   if (opt.threads) layer.setThreads(*opt.threads);
 
+  const kattn::io::WeightNaming naming = loadNaming(opt.weights_naming);
   const auto weights = kattn::io::SafeTensors::load(opt.weights);
-  checkWeightNames(weights, config);
+  // Reading first: under the wrong naming, "missing tensor 'to_q.weight'" says more than
+  // the first of the file's names that are not read.
+  auto w = kattn::io::loadWeights<Scalar>(weights, config, naming);
+  checkWeightNames(weights, config, naming);
   try {
-    layer.setWeights(kattn::io::loadWeights<Scalar>(weights, config));
+    layer.setWeights(std::move(w));
     if (auto P = kattn::io::loadProjection<Scalar>(weights, config)) layer.setProjection(*P);
   } catch (const std::invalid_argument& e) {
     throw std::runtime_error(weights.sourceName() + ": " + e.what());

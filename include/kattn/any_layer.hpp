@@ -164,27 +164,39 @@ class AnyKernelAttention {
       : m_config(config),
         m_impl(config.use_causal_windowed ? detail::makeAnyLayer<Scalar, CausalWindowed>(config)
                                           : detail::makeAnyLayer<Scalar, Bidirectional>(config)) {}
+  /// A deep copy: the copy has its own weights and projection.
   AnyKernelAttention(const AnyKernelAttention& o) : m_config(o.m_config), m_impl(o.m_impl->clone()) {}
+  /// Deep copy, as the copy constructor.
   AnyKernelAttention& operator=(const AnyKernelAttention& o) {
     m_config = o.m_config;
     m_impl = o.m_impl->clone();
     return *this;
   }
+  /// Takes over the layer; the moved-from object may only be assigned or destroyed.
   AnyKernelAttention(AnyKernelAttention&&) noexcept = default;
+  /// Takes over the layer, as the move constructor.
   AnyKernelAttention& operator=(AnyKernelAttention&&) noexcept = default;
 
+  /// The config the layer was built from.
   const LayerConfig& config() const { return m_config; }
+  /// See KernelAttention::setWeights.
   void setWeights(Weights<Scalar> w) { m_impl->setWeights(std::move(w)); }
   /// See KernelAttention::initializeWeights.
   void initializeWeights(Index query_dim, Index value_dim,
                          std::optional<Index> key_dim = std::nullopt) {
     m_impl->initializeWeights(query_dim, value_dim, key_dim);
   }
+  /// See KernelAttention::hasWeights.
   bool hasWeights() const { return m_impl->hasWeights(); }
+  /// See KernelAttention::setProjection.
   void setProjection(const Matrix<Scalar>& P) { m_impl->setProjection(P); }
+  /// See KernelAttention::projection.
   const Matrix<Scalar>& projection() const { return m_impl->projection(); }
+  /// See KernelAttention::weights.
   const Weights<Scalar>& weights() const { return m_impl->weights(); }
+  /// See KernelAttention::outputDim.
   Index outputDim() const { return m_impl->outputDim(); }
+  /// See KernelAttention::numFeatures.
   Index numFeatures() const { return m_impl->numFeatures(); }
   /// See KernelAttention::setThreadPool.
   void setThreadPool(std::shared_ptr<const ThreadPool> pool) {

@@ -9,5 +9,6 @@
 #include <Eigen/Core>
 
 #ifndef KATTN_ASSERT
+/// Checks an internal invariant; `eigen_assert` unless defined before kattn is included.
 #define KATTN_ASSERT(condition) eigen_assert(condition)
 #endif

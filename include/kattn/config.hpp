@@ -78,10 +78,12 @@ struct Initializer {
   double maxval = 0.05;        ///< random_uniform
   double value = 0.0;          ///< constant
 
+  /// Same name and parameters.
   bool operator==(const Initializer& o) const {
     return name == o.name && mean == o.mean && stddev == o.stddev && minval == o.minval &&
            maxval == o.maxval && value == o.value;
   }
+  /// Not operator==.
   bool operator!=(const Initializer& o) const { return !(*this == o); }
 
   /// Throws std::invalid_argument naming `option` for an unknown name or a bad parameter.
@@ -134,8 +136,9 @@ struct LayerConfig {
   int causal_window_length = 3;              ///< W, in chunks
   std::optional<double> causal_window_decay; ///< gamma; absent: no decay
   std::optional<std::string> causal_padding; ///< absent/"none", "left", "right"
-  /// Weights the user does not set are drawn from these, seeded by `seed` (Keras defaults).
+  /// Kernels the user does not set are drawn from it, seeded by `seed` (Keras default).
   Initializer kernel_initializer{"glorot_uniform"};
+  /// Biases the user does not set are drawn from it, seeded by `seed` (Keras default).
   Initializer bias_initializer{"zeros"};
 
   /// d_v as resolved by the reference (value_dim or key_dim).

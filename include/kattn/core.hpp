@@ -144,6 +144,10 @@ std::vector<Scalar> queryShift(const KernelAttention<Scalar, FeatureMap, Masking
 /**
  * \brief Heads [B, T, N, d_v] of queries q [B, T, N, d] attending to the keys of `summary`:
  * a_t = q'_t KV / (q'_t z + eps e^(Mk - shift)), as the layer's bidirectional kernel path.
+ * \param layer the layer whose feature map, projection and scale apply
+ * \param q [B, T, N, d], the projected queries
+ * \param summary the keys' KV and z (summarizeKeys, combine)
+ * \param heads [B, T, N, d_v], written
  * \param query_shift the exp maps' query shift per batch row (queryShift of the whole
  *        sequence); absent: that of these queries, as when they are the whole sequence.
  * \throws std::invalid_argument on a shape error or a summary of another shape.

@@ -99,7 +99,9 @@ struct ElementwiseFeatureMap {
  * Output > 0 everywhere; no overflow (linear growth). Exact up to rounding.
  */
 struct Elu : detail::ElementwiseFeatureMap<Elu> {
+  /// The feature_transform value that selects this map.
   static constexpr const char* name = "elu";
+  /// The map of logits z, elementwise.
   template <typename Scalar, typename A>
   static auto f(const A& z) {
     return (z > Scalar(0)).select(z + Scalar(1), z.exp());
@@ -112,7 +114,9 @@ struct Elu : detail::ElementwiseFeatureMap<Elu> {
  * Output >= 1e-3; the offset keeps the normaliser away from zero.
  */
 struct Relu : detail::ElementwiseFeatureMap<Relu> {
+  /// The feature_transform value that selects this map.
   static constexpr const char* name = "relu";
+  /// The map of logits z, elementwise.
   template <typename Scalar, typename A>
   static auto f(const A& z) {
     return z.max(Scalar(0)) + Scalar(1e-3);
@@ -121,7 +125,9 @@ struct Relu : detail::ElementwiseFeatureMap<Relu> {
 
 /// \brief z^2. Output >= 0 (zero rows give a zero normaliser: eps keeps the division finite).
 struct Square : detail::ElementwiseFeatureMap<Square> {
+  /// The feature_transform value that selects this map.
   static constexpr const char* name = "square";
+  /// The map of logits z, elementwise.
   template <typename Scalar, typename A>
   static auto f(const A& z) {
     return z.square();
@@ -131,7 +137,9 @@ struct Square : detail::ElementwiseFeatureMap<Square> {
 /// \brief z. Output of any sign: the normaliser q'.z can vanish or change sign (as in the
 /// reference); used by the softmax part of begin_kernel.
 struct Identity : detail::ElementwiseFeatureMap<Identity> {
+  /// The feature_transform value that selects this map.
   static constexpr const char* name = "identity";
+  /// The map of logits z, elementwise.
   template <typename Scalar, typename A>
   static auto f(const A& z) {
     return z;
@@ -179,7 +187,9 @@ struct MaxShiftedFeatureMap {
  * (double), giving zero features (the eps of the normaliser then keeps outputs finite).
  */
 struct Exp : detail::MaxShiftedFeatureMap<Exp> {
+  /// The feature_transform value that selects this map.
   static constexpr const char* name = "exp";
+  /// log h(x) = -|x|^2 / 2 of one row x [d].
   template <typename Row>
   static typename Row::Scalar logH(const Row& x) {
     return -x.squaredNorm() / typename Row::Scalar(2);
@@ -192,7 +202,9 @@ struct Exp : detail::MaxShiftedFeatureMap<Exp> {
  * Output in [0, exp(-sqrt(d)/2)/sqrt(m)]; never overflows (shifted by the maximum logit).
  */
 struct ExpMod : detail::MaxShiftedFeatureMap<ExpMod> {
+  /// The feature_transform value that selects this map.
   static constexpr const char* name = "expmod";
+  /// log h = -sqrt(d) / 2, whatever the row x [d].
   template <typename Row>
   static typename Row::Scalar logH(const Row& x) {
     using Scalar = typename Row::Scalar;
@@ -209,22 +221,27 @@ struct ExpMod : detail::MaxShiftedFeatureMap<ExpMod> {
  * causal pass the coefficients see the future. Output > 0 (>= 1e-6 Dc/sqrt(m)).
  */
 struct ExpPlus {
+  /// The feature_transform value that selects this map.
   static constexpr const char* name = "expplus";
 
   /// Coefficients of one (batch row, head).
   template <typename Scalar>
   struct Coefficients {
+    ///@{
+    /// A, B and D of OPRF (SPEC section 2).
     Scalar A, B, D;
+    ///@}
   };
 
   /// Statistics of one side of one (batch row, head): sum of squares and the row sum of x.
   template <typename Scalar>
   struct SideStatistics {
-    Scalar sum_squares = 0;
-    Vector<Scalar> sum;
-    Index length = 0;
+    Scalar sum_squares = 0;  ///< sum of |x_t|^2 over the rows
+    Vector<Scalar> sum;      ///< [d], sum of the rows x_t
+    Index length = 0;        ///< number of rows L
   };
 
+  /// The statistics of rows x [L, d].
   template <typename Scalar>
   static SideStatistics<Scalar> statistics(const ConstFeatureBlock<Scalar>& x) {
     SideStatistics<Scalar> s;
@@ -293,21 +310,23 @@ struct ExpPlus {
   }
 };
 
+/// exp (and expmod, which inherits it): features shifted by the maximum logit of a batch row.
 template <>
 struct feature_map_traits<Exp> {
-  static constexpr bool bidirectional_only = false;
-  static constexpr bool max_shifted = true;
-  static constexpr bool pair_statistics = false;
+  static constexpr bool bidirectional_only = false;  ///< streams
+  static constexpr bool max_shifted = true;          ///< exposes logits and finish
+  static constexpr bool pair_statistics = false;     ///< one side at a time
 };
 
 template <>
 struct feature_map_traits<ExpMod> : feature_map_traits<Exp> {};
 
+/// expplus: coefficients from both sides' whole sequences, so bidirectional only.
 template <>
 struct feature_map_traits<ExpPlus> {
-  static constexpr bool bidirectional_only = true;
-  static constexpr bool max_shifted = false;
-  static constexpr bool pair_statistics = true;
+  static constexpr bool bidirectional_only = true;  ///< cannot stream
+  static constexpr bool max_shifted = false;        ///< shifted by its own key stabiliser
+  static constexpr bool pair_statistics = true;     ///< needs statistics of both sides
 };
 
 /// Whether F can be used as a feature map for Scalar (callable with the block contract).
@@ -321,6 +340,7 @@ struct is_feature_map<F, Scalar,
                           std::declval<FeatureBlock<Scalar>>())),
                                   decltype(F::name)>> : std::true_type {};
 
+/// is_feature_map<F, Scalar>::value.
 template <typename F, typename Scalar>
 inline constexpr bool is_feature_map_v = is_feature_map<F, Scalar>::value;
 

@@ -50,19 +50,26 @@ class KeySummary {
     m_shift.assign(n, -std::numeric_limits<Scalar>::infinity());
   }
 
+  /// B.
   Index batch() const { return m_batch; }
+  /// N.
   Index heads() const { return m_heads; }
+  /// F.
   Index features() const { return m_features; }
+  /// d_v.
   Index valueDim() const { return m_value_dim; }
 
   /// KV of (b, n), [F, d_v].
   Matrix<Scalar>& kv(Index b, Index n) { return m_kv[at(b, n)]; }
+  /// KV of (b, n), read only.
   const Matrix<Scalar>& kv(Index b, Index n) const { return m_kv[at(b, n)]; }
   /// z of (b, n), [F].
   Vector<Scalar>& z(Index b, Index n) { return m_z[at(b, n)]; }
+  /// z of (b, n), read only.
   const Vector<Scalar>& z(Index b, Index n) const { return m_z[at(b, n)]; }
   /// The key shift of (b, n) (exp maps), -inf for no keys.
   Scalar& shift(Index b, Index n) { return m_shift[at(b, n)]; }
+  /// The key shift of (b, n), read only.
   Scalar shift(Index b, Index n) const { return m_shift[at(b, n)]; }
 
   /// Whether `other` summarises keys of sequences of the same shape.

@@ -66,8 +66,11 @@ class KernelAttention {
   using Core = typename Masking::template Core<Scalar, FeatureMap>;
 
  public:
+  /// float or double.
   using scalar_type = Scalar;
+  /// The feature map phi (feature_maps.hpp).
   using feature_map_type = FeatureMap;
+  /// Bidirectional or CausalWindowed.
   using masking_type = Masking;
 
   /// Validates `config` (SPEC 5) and, with num_random_features > 0, draws the reference's
@@ -81,18 +84,23 @@ class KernelAttention {
         m_scale(config.resolvedScale()),
         m_projection(detail::layerProjection<Scalar>(config)) {}
 
+  /// The validated config; feature_transform is the map's name.
   const LayerConfig& config() const { return m_config; }
+  /// The masking's parameters, from the config.
   const Masking& masking() const { return m_masking; }
   /// Features per head: m with a projection, key_dim without.
   Index numFeatures() const { return m_config.featureDim(); }
   /// The projection P [m, d] (empty without one).
   const Mat& projection() const { return m_projection; }
+  /// The weights (empty tensors until hasWeights()).
   const Weights<Scalar>& weights() const { return m_weights; }
   /// Whether weights were set, initialized or built by a first forward.
   bool hasWeights() const { return m_has_weights.value.load(std::memory_order_acquire); }
   /// Heads N, key_dim d and value_dim d_v.
   Index numHeads() const { return m_dims.heads; }
+  /// key_dim d.
   Index keyDim() const { return m_dims.key_dim; }
+  /// value_dim d_v.
   Index valueDim() const { return m_dims.value_dim; }
 
   /// Replaces the projection, e.g. by one saved with a model. \pre P is [m, key_dim].
@@ -136,6 +144,7 @@ class KernelAttention {
   void setThreadPool(std::shared_ptr<const ThreadPool> pool) { m_pool = std::move(pool); }
   /// Shorthand for setThreadPool with a new pool of `threads` threads (1: the caller only).
   void setThreads(int threads) { m_pool = std::make_shared<ThreadPool>(threads); }
+  /// The pool forwards run on (null: the calling thread only).
   const std::shared_ptr<const ThreadPool>& threadPool() const { return m_pool; }
 
   /// Forces one form of the bidirectional kernel path (for benchmarks and tests); Auto, the
@@ -167,7 +176,9 @@ class KernelAttention {
 
   /// D_q, D_v, D_k expected by forward (after setWeights).
   Index queryInputDim() const { return m_weights.query_kernel.dimension(0); }
+  /// D_v.
   Index valueInputDim() const { return m_weights.value_kernel.dimension(0); }
+  /// D_k.
   Index keyInputDim() const { return m_weights.key_kernel.dimension(0); }
   /// O, the last dim of the output.
   Index outputDim() const { return m_out_dim; }
@@ -215,7 +226,11 @@ class KernelAttention {
 
   /**
    * \brief A fresh streaming state for `batch` rows (causal layers only).
+<<<<<<< HEAD
    * \param batch the number of sequences the state carries
+=======
+   * \param batch B, the number of independent streams.
+>>>>>>> torch-doxygen
    * \param mode Recurrent (the reference's decayed cache; the default when a decay is
    *        configured) or Exact (the whole-sequence pass for any C, W, decay; the default
    *        without decay).
@@ -293,6 +308,7 @@ class KernelAttention {
   /**
    * \brief The attention core alone, on heads the caller projected (e.g. after rotary position
    * embeddings, or from a fused QKV projection): scaling, feature maps, masking, attention
+<<<<<<< HEAD
    * and, in training, dropout; no dense layers, so no weights are needed. Inputs as for
    * forward, of rank 4.
    * \param q [B, T, N, d]
@@ -300,6 +316,12 @@ class KernelAttention {
    * \param v [B, S, N, d_v]
    * \param attention_mask [B, S] or std::nullopt
    * \param training dropout and redraw act only when true
+=======
+   * and, in training, dropout; no dense layers, so no weights are needed.
+   * \param q [B, T, N, d], \param k [B, S, N, d], \param v [B, S, N, d_v]
+   * \param attention_mask [B, S] or absent
+   * \param training applies dropout when true
+>>>>>>> torch-doxygen
    * \return heads [B, T, N, d_v] (with begin_kernel: the softmax part's rows first)
    */
   template <typename Q, typename K, typename V, typename Mask = std::nullopt_t>

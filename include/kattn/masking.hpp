@@ -38,7 +38,9 @@ enum class CoreForm { Auto, Explicit, LowRank };
  * summary (KV, z) is public: summarizeKeys, combine and readout (core.hpp).
  */
 struct Bidirectional {
+  /// Whether queries see only earlier keys.
   static constexpr bool causal = false;
+  /// The masking's name in messages.
   static constexpr const char* name = "bidirectional";
   /// The core that computes this masking's attention.
   template <typename Scalar, typename FeatureMap>
@@ -68,7 +70,9 @@ struct Bidirectional {
  * StreamingState (streaming.hpp): a causal call takes a state in and leaves the state out.
  */
 struct CausalWindowed {
+  /// Whether queries see only earlier keys.
   static constexpr bool causal = true;
+  /// The masking's name in messages.
   static constexpr const char* name = "causal_windowed";
   /// The core that computes this masking's attention.
   template <typename Scalar, typename FeatureMap>
@@ -77,7 +81,7 @@ struct CausalWindowed {
   Index chunk = 1;               ///< C >= 1
   Index window = 3;              ///< W >= 1, in chunks
   std::optional<double> decay;   ///< gamma in [0, 1], or none
-  Padding padding = Padding::None;
+  Padding padding = Padding::None;  ///< where a length not a multiple of `chunk` is padded
 
   /// Throws unless the config asks for causal windowed attention with valid parameters.
   static CausalWindowed fromConfig(const LayerConfig& config) {

@@ -176,6 +176,8 @@ Matrix<Scalar> randomProjection(Index m, Index d, std::int64_t seed) {
  * [seed, seed + 1] only if k == seed and the first word equals seed; an exhaustive search over
  * all seeds in [0, INT32_MAX - 1] found no such seed, so no redraw repeats randomProjection.
  *
+ * \param m, d the projection's shape [m, d], as in randomProjection.
+ * \param seed the layer's `seed`, as in randomProjection.
  * \param k the redraw count, at most INT32_MAX - 1 (k + 1 is an int32 in the fold-in).
  * \throws std::invalid_argument if m < 1, d < 1, seed == INT64_MAX or k > 2147483646.
  */

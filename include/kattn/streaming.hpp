@@ -80,16 +80,23 @@ class StreamingState {
     m_finished = false;
   }
 
+  /// B, the number of streams.
   Index batch() const { return m_batch; }
+  /// N.
   Index heads() const { return m_heads; }
+  /// F.
   Index features() const { return m_features; }
+  /// d_v.
   Index valueDim() const { return m_value_dim; }
+  /// Recurrent or Exact.
   StreamingMode mode() const { return m_mode; }
   /// Tokens fed so far (per batch row).
   Index tokens() const { return m_tokens; }
   /// The layer's chunk length C, window W (chunks) and decay per chunk (1 for none).
   Index chunk() const { return m_chunk; }
+  /// W, in chunks.
   Index window() const { return m_window; }
+  /// gamma per chunk, 1 for none.
   double decay() const { return m_gamma; }
 
   /// \name The causal core's interface (detail/streaming_pass.hpp)
@@ -127,6 +134,7 @@ class StreamingState {
 
   /// The head states of batch row b, [heads()] of them.
   detail::CausalHeadState<Scalar>* headStates(Index b) { return &head(b, 0); }
+  /// The head states of batch row b, read only.
   const detail::CausalHeadState<Scalar>* headStates(Index b) const { return &head(b, 0); }
 
   /// Raises batch row b's running key shift (exp maps) to at least `logit`, rescaling its

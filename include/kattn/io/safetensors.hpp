@@ -119,6 +119,7 @@ class SafeTensors {
 
   /**
    * \brief Validates an in-memory safetensors image.
+   * \param bytes the whole file: length, header and data.
    * \param source_name names the bytes in error messages (a path, a URL, "<memory>").
    * \throws std::runtime_error naming `source_name` (and the tensor) on any inconsistency.
    */
@@ -194,6 +195,7 @@ class SafeTensors {
 
   /**
    * \brief Tensor `name` converted to `Scalar`, after checking its shape.
+   * \param name the tensor's name in the header.
    * \param expected_shape the shape required; a negative entry accepts any size on that axis.
    * \throws std::runtime_error as the other overload, and when the shape differs: the
    *         message names the tensor, the expected shape (`*` for wildcards) and the actual.

@@ -67,13 +67,16 @@ inline std::size_t dtypeSize(DType dtype) {
 
 /// One entry of a safetensors header, validated against the file it came from.
 struct TensorInfo {
+  /// The tensor's name in the header.
   std::string name;
   /// Element type; meaningful only when `convertible` (metadata-only entries hold F64 here).
   DType dtype = DType::F64;
   /// Row-major shape; every entry is >= 0 and the product of the non-zero entries fits Index.
   std::vector<Index> shape;
+  ///@{
   /// Byte range [begin, end) within the data section, `end - begin` = elements x dtype size.
   std::size_t begin = 0, end = 0;
+  ///@}
   /// The dtype as the file spells it, also for metadata-only entries ("I64", "U8", ...).
   std::string dtype_name;
   /// False for a metadata-only entry: a valid safetensors dtype that kattn does not convert.

@@ -226,11 +226,7 @@ class KernelAttention {
 
   /**
    * \brief A fresh streaming state for `batch` rows (causal layers only).
-<<<<<<< HEAD
    * \param batch the number of sequences the state carries
-=======
-   * \param batch B, the number of independent streams.
->>>>>>> torch-doxygen
    * \param mode Recurrent (the reference's decayed cache; the default when a decay is
    *        configured) or Exact (the whole-sequence pass for any C, W, decay; the default
    *        without decay).
@@ -308,7 +304,6 @@ class KernelAttention {
   /**
    * \brief The attention core alone, on heads the caller projected (e.g. after rotary position
    * embeddings, or from a fused QKV projection): scaling, feature maps, masking, attention
-<<<<<<< HEAD
    * and, in training, dropout; no dense layers, so no weights are needed. Inputs as for
    * forward, of rank 4.
    * \param q [B, T, N, d]
@@ -316,12 +311,6 @@ class KernelAttention {
    * \param v [B, S, N, d_v]
    * \param attention_mask [B, S] or std::nullopt
    * \param training dropout and redraw act only when true
-=======
-   * and, in training, dropout; no dense layers, so no weights are needed.
-   * \param q [B, T, N, d], \param k [B, S, N, d], \param v [B, S, N, d_v]
-   * \param attention_mask [B, S] or absent
-   * \param training applies dropout when true
->>>>>>> torch-doxygen
    * \return heads [B, T, N, d_v] (with begin_kernel: the softmax part's rows first)
    */
   template <typename Q, typename K, typename V, typename Mask = std::nullopt_t>

@@ -5,15 +5,25 @@
 # noisy machine a single pass says little: alternation spreads the drift over both sides.
 #
 #   benchmarks/compare.sh OLD_REV [NEW_REV] [-f FILTER] [-r ROUNDS] [-t MIN_TIME]
+#   benchmarks/compare.sh --arch [REV] [-f FILTER] [-r ROUNDS] [-t MIN_TIME]
+#
+# --arch: one revision built twice, "old" without any instruction-set flag (what a consumer of
+# kattn::kattn gets) and "new" with -march=native (kattn::native): new/old below 1 is what the
+# flags buy.
 #
 # NEW_REV defaults to HEAD, FILTER to W1, W3, W5 and W6 at two lengths each, ROUNDS to 5,
 # MIN_TIME (seconds per benchmark and run) to 0.5. Needs python3 for the table.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-old=${1:?usage: benchmarks/compare.sh OLD_REV [NEW_REV] [-f FILTER] [-r ROUNDS] [-t MIN_TIME]}
+old=${1:?usage: benchmarks/compare.sh OLD_REV|--arch [NEW_REV] [-f FILTER] [-r ROUNDS] [-t MIN_TIME]}
 shift
 new=HEAD
 if [[ $# -gt 0 && $1 != -* ]]; then new=$1; shift; fi
+old_flags=()
+if [[ $old == --arch ]]; then
+  old=$new
+  old_flags=(-DKATTN_BENCH_NATIVE=OFF)
+fi
 filter='^W(1/kattn/(1024|16384)|3/kattn/(4096|16384)|5/|6/kattn/(1024|16384))'
 rounds=5
 min_time=0.5
@@ -27,15 +37,15 @@ while getopts "f:r:t:" opt; do
 done
 work=build-compare
 mkdir -p "$work"
-build() {  # rev name
+build() {  # rev name cmake-args...
   local tree=$work/$2
   git worktree remove --force "$tree" 2>/dev/null || rm -rf "$tree"
   git worktree add --force --detach "$tree" "$1" >/dev/null
   cmake -S "$tree" -B "$tree/build" -DCMAKE_BUILD_TYPE=Release -DKATTN_BUILD_TESTS=OFF \
-        -DKATTN_BUILD_EXAMPLES=OFF >/dev/null
+        -DKATTN_BUILD_EXAMPLES=OFF "${@:3}" >/dev/null
   cmake --build "$tree/build" --target kattn_bench -j "$(nproc)" >/dev/null
 }
-build "$old" old
+build "$old" old "${old_flags[@]}"
 build "$new" new
 rm -rf "$work/json" && mkdir -p "$work/json"
 for ((i = 1; i <= rounds; i++)); do

@@ -28,10 +28,12 @@ using kattn::Index;
 constexpr Index kBatch = 2, kLength = 96, kModelDim = 64, kHeads = 4, kKeyDim = 16;
 constexpr double kTolerance = 1e-5;
 
-/// Token t of every batch row: [B, 1, D].
-kattn::Tensor<float, 3> token(const kattn::Tensor<float, 3>& x, Index t) {
-  const Eigen::array<Index, 3> offsets{0, t, 0}, extents{x.dimension(0), 1, x.dimension(2)};
-  return x.slice(offsets, extents);
+/// Token t of every batch row: [B, D].
+kattn::Matrix<float> token(const kattn::Tensor<float, 3>& x, Index t) {
+  kattn::Matrix<float> m(x.dimension(0), x.dimension(2));
+  for (Index b = 0; b < m.rows(); ++b)
+    for (Index j = 0; j < m.cols(); ++j) m(b, j) = x(b, t, j);
+  return m;
 }
 
 }  // namespace
@@ -68,24 +70,22 @@ int run() {
   kattn::Tensor<float, 3> streamed(kBatch, kLength, kModelDim);
   const Index middle = kLength / 2;
   std::string saved;
+  kattn::Matrix<float> y(kBatch, kModelDim);  // one step's output, reused: no allocation per step
   for (Index t = 0; t < kLength; ++t) {
     if (t == middle) saved = state.toBytes();  // e.g. to disk, or to another process
-    const kattn::Tensor<float, 3> step = token(x, t);
-    const kattn::Tensor<float, 3> y = layer.forward(step, step, std::nullopt, std::nullopt, state);
+    layer.step(token(x, t), state, y);
     for (Index b = 0; b < kBatch; ++b)
-      for (Index o = 0; o < kModelDim; ++o) streamed(b, t, o) = y(b, 0, o);
+      for (Index o = 0; o < kModelDim; ++o) streamed(b, t, o) = y(b, o);
   }
 
   // Continue from the saved bytes in a fresh state: the same outputs, bit for bit.
   kattn::StreamingState<float> restored = kattn::StreamingState<float>::fromBytes(saved);
   Index differing = 0;
   for (Index t = middle; t < kLength; ++t) {
-    const kattn::Tensor<float, 3> step = token(x, t);
-    const kattn::Tensor<float, 3> y =
-        layer.forward(step, step, std::nullopt, std::nullopt, restored);
+    layer.step(token(x, t), restored, y);
     for (Index b = 0; b < kBatch; ++b)
       for (Index o = 0; o < kModelDim; ++o) {
-        const float a = y(b, 0, o), s = streamed(b, t, o);
+        const float a = y(b, o), s = streamed(b, t, o);
         differing += std::memcmp(&a, &s, sizeof(float)) != 0;
       }
   }

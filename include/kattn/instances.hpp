@@ -12,6 +12,11 @@
 
 namespace kattn {
 
+#if !defined(KATTN_INSTANCE) || KATTN_INSTANCE == 0
+// The alignment this library is compiled for (detail/compiled_abi.hpp).
+const volatile char detail::KATTN_COMPILED_ABI_SYMBOL = 0;
+#endif
+
 #define KATTN_DEFINE_LAYER(S, M, K) KATTN_LAYER_INSTANCE(, S, M, K)
 #define KATTN_DEFINE_INSTANCES(S, K)                                                  \
   KATTN_FOR_EACH_BUILTIN_MAP(KATTN_DEFINE_LAYER, S, K)                                \

@@ -15,3 +15,4 @@
 #include "key_summary.hpp"
 #include "core.hpp"
 #include "any_layer.hpp"
+#include "build_info.hpp"

@@ -18,6 +18,7 @@
 #include "detail/bidirectional_core.hpp"
 #include "detail/call_checks.hpp"
 #include "detail/causal_core.hpp"
+#include "detail/compiled_abi.hpp"
 #include "detail/input_views.hpp"
 #include "detail/pass.hpp"
 #include "detail/streaming_pass.hpp"
@@ -377,6 +378,7 @@ class KernelAttention {
   template <typename Query, typename Value, typename Key, typename Mask, typename Body>
   void withInputs(const Query& query, const Value& value, const Key& key, const Mask& mask,
                   Body&& body) const {
+    detail::requireCompiledAbi();
     using Buffers = detail::InputBuffers<Scalar>;
     detail::InputViews<Scalar> in(*m_inputs);
     const ConstTensorMap<Scalar, 3> q = in.template tensor<3>(query, Buffers::kQuery, "query");
@@ -390,6 +392,7 @@ class KernelAttention {
   /// Calls `body(q, k, v, mask)` with row-major views of attend's inputs.
   template <typename Q, typename K, typename V, typename Mask, typename Body>
   void withHeads(const Q& q, const K& k, const V& v, const Mask& mask, Body&& body) const {
+    detail::requireCompiledAbi();
     using Buffers = detail::InputBuffers<Scalar>;
     detail::InputViews<Scalar> in(*m_inputs);
     body(in.template tensor<4>(q, Buffers::kQuery, "q"),

@@ -41,8 +41,8 @@ int main() {
   kattn::Tensor<float, 3> x(1, 5, D);
   x.setRandom();
   const kattn::Tensor<float, 3> y = layer.forward(x, x);
-  std::printf("consumer: output [%ld, %ld, %ld]\n", long(y.dimension(0)), long(y.dimension(1)),
-              long(y.dimension(2)));
+  std::printf("consumer: output [%ld, %ld, %ld]\n%s\n", long(y.dimension(0)),
+              long(y.dimension(1)), long(y.dimension(2)), kattn::buildInfo().toString().c_str());
   return y.dimension(1) == 5 && y.dimension(2) == D ? 0 : 1;
 #endif
 }

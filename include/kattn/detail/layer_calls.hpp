@@ -21,6 +21,7 @@ void KernelAttention<Scalar, FeatureMap, Masking>::step(const Eigen::MatrixBase<
                                                         StreamingState<Scalar>& state,
                                                         const Eigen::MatrixBase<Out>& out) const {
   requireStreaming();
+  detail::requireCompiledAbi();
   using Buffers = detail::InputBuffers<Scalar>;
   // Eigen's convention for an output argument: taken by const reference so that a temporary
   // block (y.topRows(2)) binds to it, and written through the derived object.

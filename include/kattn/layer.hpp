@@ -13,6 +13,7 @@
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "config.hpp"
 #include "detail/bidirectional_core.hpp"
@@ -28,6 +29,7 @@
 #include "masking.hpp"
 #include "parallel.hpp"
 #include "projection.hpp"
+#include "state_pool.hpp"
 #include "streaming.hpp"
 #include "tensor.hpp"
 #include "weights.hpp"
@@ -232,23 +234,8 @@ class KernelAttention {
    *        configured) or Exact (the whole-sequence pass for any C, W, decay; the default
    *        without decay).
    */
-  StreamingState<Scalar> makeState(Index batch, std::optional<StreamingMode> mode =
-                                                    std::nullopt) const {
-    requireStreaming();
-    // Only a causal layer has chunks: without the branch a bidirectional layer's misuse would
-    // meet "no member chunk" before the static_assert's sentence.
-    if constexpr (Masking::causal) {
-      const StreamingMode m = mode ? *mode
-                                   : (m_config.causal_window_decay ? StreamingMode::Recurrent
-                                                                   : StreamingMode::Exact);
-      return StreamingState<Scalar>(batch, m_dims.heads, numFeatures(), m_dims.value_dim, m,
-                                    m_masking.chunk, m_masking.window, m_masking.gamma());
-    } else {
-      (void)batch;
-      (void)mode;
-      return StreamingState<Scalar>();
-    }
-  }
+  StreamingState<Scalar> makeState(Index batch,
+                                   std::optional<StreamingMode> mode = std::nullopt) const;
 
   /**
    * \brief One streaming call: the next T tokens of every batch row (query [B, T, D_q], value
@@ -281,6 +268,51 @@ class KernelAttention {
       forwardInto(q, v, k, m, false, &state, output);
     });
   }
+
+  /**
+   * \brief Self-attention over packed sequences of different lengths, each attending to
+   * itself only: `tokens` [total, D] (any rank-2 Eigen tensor or expression), sequence i's
+   * rows offsets[i] to offsets[i+1]. Returns [total, O], sequence i's rows bit for bit those
+   * of forward() on it alone. Inference.
+   */
+  template <typename Tokens>
+  Tensor<Scalar, 2> forward(const Tokens& tokens, const std::vector<Index>& offsets) const;
+
+  /// A pool of `capacity` streaming slots (state_pool.hpp), each as makeState(1, mode) makes.
+  StatePool<Scalar> makePool(Index capacity, std::optional<StreamingMode> mode =
+                                                 std::nullopt) const {
+    requireStreaming();
+    return StatePool<Scalar>(capacity, makeState(1, mode));
+  }
+
+  /**
+   * \brief A ragged streaming call of self-attention: the new tokens of many sequences packed
+   * in `tokens` [total, D] (any rank-2 Eigen tensor or expression), sequence i's rows
+   * offsets[i] to offsets[i+1] advancing `pool`'s slot slots[i]. Any mix of decode steps and
+   * prompt pieces, no padding; each sequence attends to itself only. Returns [total, O].
+   *
+   * A sequence's rows are, bit for bit, those a StreamingState of its own fed the same tokens
+   * gives, whatever the other sequences of the call and the thread count (docs/serving.md).
+   * \throws std::invalid_argument for offsets, slots or widths that do not fit, before any
+   * slot advances; std::logic_error for a slot used twice at once.
+   */
+  template <typename Tokens>
+  Tensor<Scalar, 2> forward(const Tokens& tokens, StatePool<Scalar>& pool,
+                            const std::vector<Index>& slots,
+                            const std::vector<Index>& offsets) const;
+
+  /// The ragged call into caller memory `output` [total, O].
+  template <typename Tokens>
+  void forward(const Tokens& tokens, StatePool<Scalar>& pool, const std::vector<Index>& slots,
+               const std::vector<Index>& offsets, TensorMap<Scalar, 2> output) const;
+
+  /// The ragged call of attend(): heads the caller projected, q [total, N, d], k [total, N, d]
+  /// and v [total, N, d_v] (any rank-3 Eigen tensors), sequences and slots as for the ragged
+  /// forward. Returns the heads [total, N, d_v].
+  template <typename Q, typename K, typename V>
+  Tensor<Scalar, 3> attend(const Q& q, const K& k, const V& v, StatePool<Scalar>& pool,
+                           const std::vector<Index>& slots,
+                           const std::vector<Index>& offsets) const;
 
   /**
    * \brief One decode step of self-attention: the next token of every batch row, `x` [B, D],
@@ -329,7 +361,10 @@ class KernelAttention {
 
   /// As attend(), writing into caller memory `heads` [B, T, N, d_v] (no allocation of the
   /// result: a server reusing its buffers avoids the first-touch cost of fresh pages).
-  template <typename Q, typename K, typename V, typename Mask>
+  /// (Not for a StatePool in the mask's place: that is the ragged attend, whose braced slot
+  /// and offset lists would otherwise also fit `training` and `heads`.)
+  template <typename Q, typename K, typename V, typename Mask,
+            typename = std::enable_if_t<!std::is_same_v<Mask, StatePool<Scalar>>>>
   void attend(const Q& q, const K& k, const V& v, const Mask& attention_mask, bool training,
               TensorMap<Scalar, 4> heads) const {
     withHeads(q, k, v, attention_mask, [&](const auto& qh, const auto& kh, const auto& vh,
@@ -374,32 +409,34 @@ class KernelAttention {
   }
 
   /// Calls `body(q, v, k, mask)` with row-major views of forward's inputs (self-attention's
-  /// forward(x, x) evaluates x once).
+  /// forward(x, x) evaluates x once); defined in detail/layer_calls.hpp.
   template <typename Query, typename Value, typename Key, typename Mask, typename Body>
   void withInputs(const Query& query, const Value& value, const Key& key, const Mask& mask,
-                  Body&& body) const {
-    detail::requireCompiledAbi();
-    using Buffers = detail::InputBuffers<Scalar>;
-    detail::InputViews<Scalar> in(*m_inputs);
-    const ConstTensorMap<Scalar, 3> q = in.template tensor<3>(query, Buffers::kQuery, "query");
-    const ConstTensorMap<Scalar, 3> v =
-        detail::sameObject(query, value) ? q
-                                         : in.template tensor<3>(value, Buffers::kValue, "value");
-    body(q, v, in.template optionalTensor<3>(key, Buffers::kKey, "key"),
-         in.template optionalTensor<2>(mask, Buffers::kMask, "attention_mask"));
-  }
-
+                  Body&& body) const;
   /// Calls `body(q, k, v, mask)` with row-major views of attend's inputs.
   template <typename Q, typename K, typename V, typename Mask, typename Body>
-  void withHeads(const Q& q, const K& k, const V& v, const Mask& mask, Body&& body) const {
-    detail::requireCompiledAbi();
-    using Buffers = detail::InputBuffers<Scalar>;
-    detail::InputViews<Scalar> in(*m_inputs);
-    body(in.template tensor<4>(q, Buffers::kQuery, "q"),
-         in.template tensor<4>(k, Buffers::kKey, "k"),
-         in.template tensor<4>(v, Buffers::kValue, "v"),
-         in.template optionalTensor<2>(mask, Buffers::kMask, "attention_mask"));
-  }
+  void withHeads(const Q& q, const K& k, const V& v, const Mask& mask, Body&& body) const;
+  /// Calls `body(x)` with a row-major view of a ragged call's tokens.
+  template <typename Tokens, typename Body>
+  void withTokens(const Tokens& tokens, Body&& body) const;
+
+  /// The ragged call's output [total, O], within the memory limit.
+  Tensor<Scalar, 2> newOutput2(const ConstTensorMap<Scalar, 2>& x) const;
+
+  /// The packed whole-pass call after its input view (detail/ragged_call.hpp).
+  void packedInto(const ConstTensorMap<Scalar, 2>& x, const std::vector<Index>& offsets,
+                  TensorMap<Scalar, 2> output) const;
+
+  /// The ragged call on heads after its input views, into heads [total, N, d_v].
+  void raggedHeadsInto(const ConstTensorMap<Scalar, 3>& q, const ConstTensorMap<Scalar, 3>& k,
+                       const ConstTensorMap<Scalar, 3>& v, StatePool<Scalar>& pool,
+                       const std::vector<Index>& slots, const std::vector<Index>& offsets,
+                       TensorMap<Scalar, 3> heads) const;
+
+  /// The ragged call after its input views (detail/ragged_call.hpp).
+  void raggedInto(const ConstTensorMap<Scalar, 2>& x, StatePool<Scalar>& pool,
+                  const std::vector<Index>& slots, const std::vector<Index>& offsets,
+                  TensorMap<Scalar, 2> output) const;
 
   /// Keras's lazy build: the first forward of a layer without weights draws them from the
   /// initializers for its inputs' dims (once, whichever thread gets there first).
@@ -457,32 +494,12 @@ class KernelAttention {
   }
 
   /// A call of these sizes without data, for workingBytes.
-  detail::Pass<Scalar> budgetPass(Index B, Index T, Index S, bool heads_given) const {
-    const auto source = heads_given ? detail::RowSource::Heads : detail::RowSource::Projections;
-    const ConstTensorMap<Scalar, 3> query(nullptr, B, T, queryInputDim());
-    detail::Pass<Scalar> pass =
-        newPass(detail::CallInputs<Scalar>{source, B, T, S, nullptr, query, query, query},
-                TensorMap<Scalar, 3>(nullptr, 0, 0, 0));
-    if (heads_given) pass.sink = detail::HeadsSink::Caller;
-    pass.projection = m_config.hasProjection() ? &m_projection : nullptr;
-    pass.scales = detail::BatchScales<Scalar>{Scalar(m_scale), {}};
-    return pass;
-  }
+  detail::Pass<Scalar> budgetPass(Index B, Index T, Index S, bool heads_given) const;
 
   /// A call of this layer: its inputs, and where its heads go (through the output projection
   /// into y, or into the caller's `heads_out`).
   detail::Pass<Scalar> newPass(const detail::CallInputs<Scalar>& in,
-                               const TensorMap<Scalar, 3>& y, Scalar* heads_out = nullptr) const {
-    detail::Pass<Scalar> pass(in, y);
-    pass.dims = m_dims;
-    pass.weights = &m_weights;
-    pass.pool = m_pool.get();
-    pass.workspaces = m_workspace.get();
-    pass.form = m_form;
-    pass.sink = heads_out ? detail::HeadsSink::Caller : detail::HeadsSink::OutputDense;
-    pass.heads_out = heads_out;
-    return pass;
-  }
+                               const TensorMap<Scalar, 3>& y, Scalar* heads_out = nullptr) const;
 
   /// Everything after the input checks, for forward and attend: scales, the call's projection
   /// and dropout, then the masking policy's core. Defined after the class, not inline, so that
@@ -519,4 +536,5 @@ using CausalKernelAttention = KernelAttention<Scalar, FeatureMap, CausalWindowed
 }  // namespace kattn
 
 #include "detail/layer_calls.hpp"
+#include "detail/ragged_call.hpp"
 #include "extern_templates.hpp"

@@ -1,7 +1,7 @@
 #pragma once
 /// \file
 /// \private The KernelAttention members defined outside the class: the calls' entry points
-/// (newOutput, forwardInto, step) and the dispatcher run(). Out of the class so that
+/// (the input views, newOutput, forwardInto, step) and the dispatcher run(). Out of the class so that
 /// KATTN_EXTERN_TEMPLATES can keep the heavy ones out of a translation unit; included at the
 /// end of layer.hpp.
 
@@ -13,6 +13,91 @@
 #include "../layer.hpp"
 
 namespace kattn {
+
+template <typename Scalar, typename FeatureMap, typename Masking>
+detail::Pass<Scalar> KernelAttention<Scalar, FeatureMap, Masking>::budgetPass(
+    Index B, Index T, Index S, bool heads_given) const {
+  const auto source = heads_given ? detail::RowSource::Heads : detail::RowSource::Projections;
+  const ConstTensorMap<Scalar, 3> query(nullptr, B, T, queryInputDim());
+  detail::Pass<Scalar> pass =
+      newPass(detail::CallInputs<Scalar>{source, B, T, S, nullptr, query, query, query},
+              TensorMap<Scalar, 3>(nullptr, 0, 0, 0));
+  if (heads_given) pass.sink = detail::HeadsSink::Caller;
+  pass.projection = m_config.hasProjection() ? &m_projection : nullptr;
+  pass.scales = detail::BatchScales<Scalar>{Scalar(m_scale), {}};
+  return pass;
+}
+
+template <typename Scalar, typename FeatureMap, typename Masking>
+detail::Pass<Scalar> KernelAttention<Scalar, FeatureMap, Masking>::newPass(
+    const detail::CallInputs<Scalar>& in, const TensorMap<Scalar, 3>& y, Scalar* heads_out) const {
+  detail::Pass<Scalar> pass(in, y);
+  pass.dims = m_dims;
+  pass.weights = &m_weights;
+  pass.pool = m_pool.get();
+  pass.workspaces = m_workspace.get();
+  pass.form = m_form;
+  pass.sink = heads_out ? detail::HeadsSink::Caller : detail::HeadsSink::OutputDense;
+  pass.heads_out = heads_out;
+  return pass;
+}
+
+template <typename Scalar, typename FeatureMap, typename Masking>
+StreamingState<Scalar> KernelAttention<Scalar, FeatureMap, Masking>::makeState(
+    Index batch, std::optional<StreamingMode> mode) const {
+  requireStreaming();
+  // Only a causal layer has chunks: without the branch a bidirectional layer's misuse would
+  // meet "no member chunk" before the static_assert's sentence.
+  if constexpr (Masking::causal) {
+    const StreamingMode m = mode ? *mode
+                                 : (m_config.causal_window_decay ? StreamingMode::Recurrent
+                                                                 : StreamingMode::Exact);
+    return StreamingState<Scalar>(batch, m_dims.heads, numFeatures(), m_dims.value_dim, m,
+                                  m_masking.chunk, m_masking.window, m_masking.gamma());
+  } else {
+    (void)batch;
+    (void)mode;
+    return StreamingState<Scalar>();
+  }
+}
+
+template <typename Scalar, typename FeatureMap, typename Masking>
+template <typename Query, typename Value, typename Key, typename Mask, typename Body>
+void KernelAttention<Scalar, FeatureMap, Masking>::withInputs(const Query& query,
+                                                              const Value& value, const Key& key,
+                                                              const Mask& mask,
+                                                              Body&& body) const {
+  detail::requireCompiledAbi();
+  using Buffers = detail::InputBuffers<Scalar>;
+  detail::InputViews<Scalar> in(*m_inputs);
+  const ConstTensorMap<Scalar, 3> q = in.template tensor<3>(query, Buffers::kQuery, "query");
+  const ConstTensorMap<Scalar, 3> v =
+      detail::sameObject(query, value) ? q : in.template tensor<3>(value, Buffers::kValue, "value");
+  body(q, v, in.template optionalTensor<3>(key, Buffers::kKey, "key"),
+       in.template optionalTensor<2>(mask, Buffers::kMask, "attention_mask"));
+}
+
+template <typename Scalar, typename FeatureMap, typename Masking>
+template <typename Q, typename K, typename V, typename Mask, typename Body>
+void KernelAttention<Scalar, FeatureMap, Masking>::withHeads(const Q& q, const K& k, const V& v,
+                                                             const Mask& mask,
+                                                             Body&& body) const {
+  detail::requireCompiledAbi();
+  using Buffers = detail::InputBuffers<Scalar>;
+  detail::InputViews<Scalar> in(*m_inputs);
+  body(in.template tensor<4>(q, Buffers::kQuery, "q"), in.template tensor<4>(k, Buffers::kKey, "k"),
+       in.template tensor<4>(v, Buffers::kValue, "v"),
+       in.template optionalTensor<2>(mask, Buffers::kMask, "attention_mask"));
+}
+
+template <typename Scalar, typename FeatureMap, typename Masking>
+template <typename Tokens, typename Body>
+void KernelAttention<Scalar, FeatureMap, Masking>::withTokens(const Tokens& tokens,
+                                                              Body&& body) const {
+  detail::requireCompiledAbi();
+  detail::InputViews<Scalar> in(*m_inputs);
+  body(in.template tensor<2>(tokens, detail::InputBuffers<Scalar>::kQuery, "tokens"));
+}
 
 template <typename Scalar, typename FeatureMap, typename Masking>
 template <typename Query, typename Value, typename Out>

@@ -166,5 +166,6 @@ void registerCausal();
 void registerLayer();
 void registerMemory();
 void registerFloor();
+void registerServing();
 
 }  // namespace kattn_bench

@@ -24,6 +24,7 @@ int main(int argc, char** argv) {
   kattn_bench::registerGemm();
   kattn_bench::registerBidirectional();
   kattn_bench::registerCausal();
+  kattn_bench::registerServing();
   kattn_bench::registerLayer();
   kattn_bench::registerMemory();
   kattn_bench::registerFloor();

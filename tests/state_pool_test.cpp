@@ -430,8 +430,12 @@ TEST_F(PoolErrors, RaggedCallsAreCheckedBeforeAnySlotAdvances) {
   refused({a, b}, {1, 2, 4}, "must start at 0");
   refused({a, b}, {0, 2, 3}, "end at the token count 4");
   refused({a, b}, {0, 5, 4}, "must not decrease");
-  refused({a, a}, {0, 2, 4}, "slot 0 appears twice");
   refused({a, free_slot}, {0, 2, 4}, "slot 2 is not in use");
+  EXPECT_TRUE(throwsWith<std::logic_error>([&] { layer.forward(x, pool, {b, a, a}, {0, 0, 2, 4}); },
+                                           "slot 0 appears twice in one call"));
+  EXPECT_EQ(pool.tokens(a), 0);
+  layer.forward(x, pool, {b, a}, {0, 2, 4});  // the refused call left no slot marked busy
+  EXPECT_EQ(pool.tokens(a), 2);
   kattn::Tensor<float, 2> narrow(4, 5);
   narrow.setZero();
   EXPECT_TRUE(throwsWith<std::invalid_argument>(

@@ -27,9 +27,9 @@ namespace kattn {
  * resetting and copying a slot allocate nothing in recurrent mode (in exact mode, a copy may
  * allocate the terms of the source's window).
  *
- * A pool may be used by one call at a time per slot: two concurrent calls that advance the same
- * slot are refused (std::logic_error) by a flag per slot; concurrent calls on different slots
- * of one pool are fine, as long as no thread acquires or releases slots meanwhile (the slot
+ * A pool may be used by one call at a time per slot: a call that names a slot twice, or a slot
+ * that a call on another thread is advancing, is refused (std::logic_error) by a flag per slot
+ * before anything advances; concurrent calls on different slots of one pool are fine, as long as no thread acquires or releases slots meanwhile (the slot
  * table is not locked: keep acquire/release on the server's scheduling thread).
  */
 template <typename Scalar>
@@ -126,17 +126,25 @@ class StatePool {
   /// The state in `slot`, read-only (its kv(), kSum(), tokens()).
   const StreamingState<Scalar>& state(Slot slot) const { return stateOf(slot, "state"); }
 
-  /// \private The state in `slot` for a call that advances it, marked busy until `done`.
-  StreamingState<Scalar>& beginCall(Slot slot) {
-    StreamingState<Scalar>& s = stateOf(slot, "forward");
-    if (m_busy[std::size_t(slot)].exchange(true, std::memory_order_acquire)) {
-      throw std::logic_error("StatePool: slot " + std::to_string(slot) +
-                             " is used by two calls at once (or twice in one call)");
+  /// \private Marks every slot of a call busy until endCall; refuses a slot that is busy
+  /// already (twice in the call, or in a call running on another thread), leaving none marked.
+  void beginCall(const std::vector<Slot>& slots) {
+    for (std::size_t i = 0; i < slots.size(); ++i) {
+      if (m_busy[std::size_t(slots[i])].exchange(true, std::memory_order_acquire)) {
+        for (std::size_t j = 0; j < i; ++j) {
+          m_busy[std::size_t(slots[j])].store(false, std::memory_order_release);
+        }
+        throw std::logic_error("StatePool: slot " + std::to_string(slots[i]) +
+                               " appears twice in one call, or in two calls at once");
+      }
     }
-    return s;
   }
   /// \private Ends what beginCall started.
-  void endCall(Slot slot) { m_busy[std::size_t(slot)].store(false, std::memory_order_release); }
+  void endCall(const std::vector<Slot>& slots) {
+    for (const Slot s : slots) m_busy[std::size_t(s)].store(false, std::memory_order_release);
+  }
+  /// \private The state in `slot` (in use, checked) for the call that marked it busy.
+  StreamingState<Scalar>& callState(Slot slot) { return stateOf(slot, "forward"); }
 
  private:
   bool valid(Slot slot) const { return slot >= 0 && slot < capacity(); }

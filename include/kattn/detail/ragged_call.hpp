@@ -46,9 +46,9 @@ inline void checkRagged(const std::vector<Index>* slots, const std::vector<Index
   }
 }
 
-/// Every check of a ragged streaming call before any slot advances: the slots are in use,
-/// each once, of this layer, and in exact mode each sequence brings whole chunks (as a
-/// StreamingState's call must).
+/// Every check of a ragged streaming call before any slot advances: the slots are in use and
+/// of this layer, and in exact mode each sequence brings whole chunks (as a StreamingState's
+/// call must). That each slot appears once is CallSlots' check.
 template <typename Scalar>
 void checkPoolCall(const StatePool<Scalar>& pool, const std::vector<Index>& slots,
                    const std::vector<Index>& offsets, Index heads, Index features,
@@ -63,31 +63,24 @@ void checkPoolCall(const StatePool<Scalar>& pool, const std::vector<Index>& slot
           " brings " + std::to_string(L) + (L == 1 ? " token" : " tokens") +
           ", not a multiple of causal_chunk_length " + std::to_string(m.chunk));
     }
-    for (std::size_t j = 0; j < i; ++j) {
-      if (slots[j] == slots[i]) {
-        throw std::invalid_argument("slots: slot " + std::to_string(slots[i]) +
-                                    " appears twice in one call (sequences " + std::to_string(j) +
-                                    " and " + std::to_string(i) + ")");
-      }
-    }
   }
 }
 
-/// A slot's state marked busy for the length of one sequence's call.
+/// The slots of a ragged call, marked busy for its length (StatePool::beginCall).
 template <typename Scalar>
-class SlotCall {
+class CallSlots {
  public:
-  SlotCall(StatePool<Scalar>& pool, Index slot)
-      : m_pool(pool), m_slot(slot), m_state(pool.beginCall(slot)) {}
-  ~SlotCall() { m_pool.endCall(m_slot); }
-  SlotCall(const SlotCall&) = delete;
-  SlotCall& operator=(const SlotCall&) = delete;
-  StreamingState<Scalar>& state() const { return m_state; }
+  CallSlots(StatePool<Scalar>& pool, const std::vector<Index>& slots)
+      : m_pool(pool), m_slots(slots) {
+    pool.beginCall(slots);
+  }
+  ~CallSlots() { m_pool.endCall(m_slots); }
+  CallSlots(const CallSlots&) = delete;
+  CallSlots& operator=(const CallSlots&) = delete;
 
  private:
   StatePool<Scalar>& m_pool;
-  Index m_slot;
-  StreamingState<Scalar>& m_state;
+  const std::vector<Index>& m_slots;
 };
 
 /// Runs sequence(i, pool) for every sequence of a ragged call: the long ones one after another
@@ -180,6 +173,7 @@ void KernelAttention<Scalar, FeatureMap, Masking>::raggedInto(
   }
   detail::checkPoolCall(pool, slots, offsets, m_dims.heads, numFeatures(), m_dims.value_dim,
                         m_masking);
+  const detail::CallSlots<Scalar> claimed(pool, slots);
   if (total == 0) return;
 
   // Each sequence is the streaming forward a StreamingState of its own would run on its rows:
@@ -191,14 +185,13 @@ void KernelAttention<Scalar, FeatureMap, Masking>::raggedInto(
   auto sequence = [&](std::size_t i, const ThreadPool* inner) {
     const Index r0 = offsets[i], L = offsets[i + 1] - r0;
     if (L == 0) return;
-    detail::SlotCall<Scalar> slot(pool, slots[i]);
     const ConstTensorMap<Scalar, 3> xi(tokens.data() + r0 * D, 1, L, D);
     const detail::CallInputs<Scalar> in = detail::inputsCall<Scalar>(
         xi, xi, std::nullopt, std::nullopt, true, queryInputDim(), valueInputDim(),
         keyInputDim());
     detail::Pass<Scalar> pass = newPass(in, TensorMap<Scalar, 3>(output.data() + r0 * O, 1, L, O));
     pass.pool = inner;
-    run(pass, false, &slot.state());
+    run(pass, false, &pool.callState(slots[i]));
   };
   detail::forSequences(offsets, threads, sequence);
 }
@@ -236,10 +229,10 @@ void KernelAttention<Scalar, FeatureMap, Masking>::raggedHeadsInto(
   checkShape<3>("heads", heads.dimensions(), {total, N, dv});
   detail::checkRagged(&slots, offsets, total);
   detail::checkPoolCall(pool, slots, offsets, N, numFeatures(), dv, m_masking);
+  const detail::CallSlots<Scalar> claimed(pool, slots);
   auto sequence = [&](std::size_t i, const ThreadPool* inner) {
     const Index r0 = offsets[i], L = offsets[i + 1] - r0;
     if (L == 0) return;
-    detail::SlotCall<Scalar> slot(pool, slots[i]);
     const ConstTensorMap<Scalar, 4> qi(q.data() + r0 * N * d, 1, L, N, d);
     const ConstTensorMap<Scalar, 4> ki(k.data() + r0 * N * d, 1, L, N, d);
     const ConstTensorMap<Scalar, 4> vi(v.data() + r0 * N * dv, 1, L, N, dv);
@@ -247,7 +240,7 @@ void KernelAttention<Scalar, FeatureMap, Masking>::raggedHeadsInto(
         headsPass(qi, ki, vi, std::nullopt, TensorMap<Scalar, 4>(heads.data() + r0 * N * dv, 1, L,
                                                                  N, dv));
     pass.pool = inner;
-    run(pass, false, &slot.state());
+    run(pass, false, &pool.callState(slots[i]));
   };
   detail::forSequences(offsets, m_pool.get(), sequence);
 }

@@ -373,6 +373,43 @@ inline LayerConfig configFromJson(const nlohmann::json& j) {
   return c;
 }
 
+namespace detail {
+
+/// `text` parsed as JSON, refusing what the parser would let through silently in a file a
+/// person wrote: a duplicate key (the parser keeps the last), and nesting deeper than
+/// kMaxConfigJsonDepth levels. Errors start with `what` ("config", "weight naming").
+inline nlohmann::json parseStrictJson(const std::string& text, const std::string& what) {
+  std::vector<std::set<std::string>> keys;  // one set per open object
+  const auto callback = [&](int depth, nlohmann::json::parse_event_t event,
+                            nlohmann::json& parsed) {
+    using Event = nlohmann::json::parse_event_t;
+    if ((event == Event::object_start || event == Event::array_start) &&
+        depth >= kMaxConfigJsonDepth) {
+      throw std::invalid_argument(what + ": JSON nests deeper than " +
+                                  std::to_string(kMaxConfigJsonDepth) + " levels");
+    }
+    if (event == Event::object_start) {
+      keys.emplace_back();
+    } else if (event == Event::object_end) {
+      if (!keys.empty()) keys.pop_back();
+    } else if (event == Event::key && !keys.empty()) {
+      const auto& key = parsed.get_ref<const std::string&>();
+      if (!keys.back().insert(key).second) {
+        throw std::invalid_argument(what + ": duplicate key " + quoteKey(key) +
+                                    (depth == 1 ? "" : " in a nested object"));
+      }
+    }
+    return true;
+  };
+  try {
+    return nlohmann::json::parse(text, callback);
+  } catch (const nlohmann::json::exception& e) {
+    throw std::invalid_argument(what + ": not valid JSON: " + oneLine(e.what()));
+  }
+}
+
+}  // namespace detail
+
 /**
  * \brief configFromJson of JSON text, such as a file written by `json.dump(layer.get_config())`.
  *
@@ -382,35 +419,7 @@ inline LayerConfig configFromJson(const nlohmann::json& j) {
  *         reason), a duplicate key, or anything configFromJson rejects.
  */
 inline LayerConfig configFromJsonText(const std::string& text) {
-  std::vector<std::set<std::string>> keys;  // one set per open object
-  const auto callback = [&](int depth, nlohmann::json::parse_event_t event,
-                            nlohmann::json& parsed) {
-    using Event = nlohmann::json::parse_event_t;
-    if ((event == Event::object_start || event == Event::array_start) &&
-        depth >= detail::kMaxConfigJsonDepth) {
-      throw std::invalid_argument("config: JSON nests deeper than " +
-                                  std::to_string(detail::kMaxConfigJsonDepth) + " levels");
-    }
-    if (event == Event::object_start) {
-      keys.emplace_back();
-    } else if (event == Event::object_end) {
-      if (!keys.empty()) keys.pop_back();
-    } else if (event == Event::key && !keys.empty()) {
-      const auto& key = parsed.get_ref<const std::string&>();
-      if (!keys.back().insert(key).second) {
-        throw std::invalid_argument("config: duplicate key " + detail::quoteKey(key) +
-                                    (depth == 1 ? "" : " in a nested object"));
-      }
-    }
-    return true;
-  };
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(text, callback);
-  } catch (const nlohmann::json::exception& e) {
-    throw std::invalid_argument("config: not valid JSON: " + detail::oneLine(e.what()));
-  }
-  return configFromJson(j);
+  return configFromJson(detail::parseStrictJson(text, "config"));
 }
 
 /**

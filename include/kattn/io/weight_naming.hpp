@@ -146,35 +146,7 @@ class WeightNaming {
    *         reason), a duplicate key, or anything fromJson rejects.
    */
   static WeightNaming fromJsonText(const std::string& text) {
-    // A duplicate key would be resolved silently by the parser; in a name map it is a typo.
-    std::vector<std::set<std::string>> keys;
-    const auto callback = [&](int depth, nlohmann::json::parse_event_t event,
-                              nlohmann::json& parsed) {
-      using Event = nlohmann::json::parse_event_t;
-      if ((event == Event::object_start || event == Event::array_start) &&
-          depth >= detail::kMaxConfigJsonDepth) {
-        throw std::invalid_argument("weight naming: JSON nests deeper than " +
-                                    std::to_string(detail::kMaxConfigJsonDepth) + " levels");
-      }
-      if (event == Event::object_start) {
-        keys.emplace_back();
-      } else if (event == Event::object_end) {
-        if (!keys.empty()) keys.pop_back();
-      } else if (event == Event::key && !keys.empty()) {
-        const auto& key = parsed.get_ref<const std::string&>();
-        if (!keys.back().insert(key).second) {
-          throw std::invalid_argument("weight naming: duplicate key " + detail::quoteKey(key));
-        }
-      }
-      return true;
-    };
-    nlohmann::json j;
-    try {
-      j = nlohmann::json::parse(text, callback);
-    } catch (const nlohmann::json::exception& e) {
-      throw std::invalid_argument("weight naming: not valid JSON: " + detail::oneLine(e.what()));
-    }
-    return fromJson(j);
+    return fromJson(detail::parseStrictJson(text, "weight naming"));
   }
 
   /// Puts the Keras variable `variable` under `name` (after the prefix) in `layout`.

@@ -13,8 +13,10 @@
 namespace kattn {
 
 #if !defined(KATTN_INSTANCE) || KATTN_INSTANCE == 0
+namespace detail {
 // The alignment this library is compiled for (detail/compiled_abi.hpp).
-const volatile char detail::KATTN_COMPILED_ABI_SYMBOL = 0;
+const volatile char KATTN_COMPILED_ABI_SYMBOL = 0;
+}  // namespace detail
 #endif
 
 #define KATTN_DEFINE_LAYER(S, M, K) KATTN_LAYER_INSTANCE(, S, M, K)

@@ -20,8 +20,6 @@ constexpr Index kLengths[] = {1024, 4096, 16384, 65536};
 constexpr Index kMaxSoftmax = 16384;
 /// W5's prefix, fed in one call before the timed tokens.
 constexpr Index kPrefix = 4096;
-/// A window (in chunks of one token) longer than any sequence here: nothing is ever dropped.
-constexpr int kUnboundedWindow = 1 << 30;
 
 /// Token-level causal config: chunk 1, window `window`, no decay, `Map` features, m = 0: no
 /// projection.
@@ -69,7 +67,7 @@ void BM_CausalCore(benchmark::State& state, int threads, Index T, int m) {
 void BM_StreamingDecode(benchmark::State& state, int threads, kattn::StreamingMode mode,
                         bool reused = false) {
   kattn::CausalKernelAttention<float, kattn::Relu> layer(
-      causalConfig<kattn::Relu>(0, kUnboundedWindow));
+      causalConfig<kattn::Relu>(0, kattn::kUnboundedWindow));
   layer.setThreads(threads);
   kattn::StreamingState<float> stream = layer.makeState(kBatch, mode);
   auto prefix = [&] {

@@ -33,7 +33,7 @@ kattn::LayerConfig servingConfig() {
   config.num_random_features = 0;
   config.use_causal_windowed = true;
   config.causal_chunk_length = 1;
-  config.causal_window_length = 1 << 30;
+  config.causal_window_length = kattn::kUnboundedWindow;
   return config;
 }
 

@@ -385,4 +385,54 @@ TEST(StreamingBytes, ExactStateWithDroppedChunksRoundTrips) {
   }
 }
 
+// ---- an unbounded window --------------------------------------------------------------------
+
+/// Plain causal attention (kUnboundedWindow) in exact mode: the whole pass's numbers, a state
+/// whose size does not grow with the tokens, and combine() across pieces with a decay.
+TEST(UnboundedWindow, ExactStateStaysTheSizeOfItsSums) {
+  for (const int chunk : {1, 3}) {
+    for (const std::optional<double> decay : {std::optional<double>(), std::optional<double>(0.9)}) {
+      kattn::LayerConfig c;
+      c.num_heads = 2;
+      c.key_dim = 4;
+      c.feature_transform = "relu";
+      c.num_random_features = 8;
+      c.use_causal_windowed = true;
+      c.causal_chunk_length = chunk;
+      c.causal_window_length = kattn::kUnboundedWindow;
+      c.causal_window_decay = decay;
+      kattn::CausalKernelAttention<double, kattn::Relu> layer(c);
+      layer.initializeWeights(6, 6);
+      const Index T = 96 * chunk;
+      kattn::Tensor<double, 3> x(1, T, 6);
+      Rng r(std::uint64_t(chunk) * 5 + (decay ? 1 : 0));
+      for (Index i = 0; i < x.size(); ++i) x.data()[i] = r.normal();
+      const auto whole = layer.forward(x, x);
+      auto st = layer.makeState(1, kattn::StreamingMode::Exact);
+      kattn::Tensor<double, 3> streamed(1, T, layer.outputDim());
+      std::size_t first_size = 0;
+      for (Index t = 0; t < T; t += chunk) {
+        const auto piece = rows(x, t, chunk);
+        const auto y = layer.forward(piece, piece, std::nullopt, std::nullopt, st);
+        for (Index j = 0; j < chunk; ++j)
+          for (Index o = 0; o < y.dimension(2); ++o) streamed(0, t + j, o) = y(0, j, o);
+        if (t == 0) first_size = st.toBytes().size();
+      }
+      EXPECT_EQ(st.toBytes().size(), first_size) << "chunk " << chunk << ": the state grew";
+      EXPECT_LE(kattn_ref::relativeError(streamed, whole), 1e-12) << "chunk " << chunk;
+      // Two pieces fed from fresh states and combined: the state of the whole stream.
+      auto a = layer.makeState(1, kattn::StreamingMode::Exact);
+      auto b = layer.makeState(1, kattn::StreamingMode::Exact);
+      const Index cut = 40 * chunk;
+      const auto head = rows(x, 0, cut), tail = rows(x, cut, T - cut);
+      layer.forward(head, head, std::nullopt, std::nullopt, a);
+      layer.forward(tail, tail, std::nullopt, std::nullopt, b);
+      const auto joined = kattn::combine(a, b);
+      EXPECT_EQ(joined.tokens(), T);
+      EXPECT_LE(kattn_ref::relativeError(joined.kv(), st.kv()), 1e-12) << "chunk " << chunk;
+      EXPECT_LE(kattn_ref::relativeError(joined.kSum(), st.kSum()), 1e-12) << "chunk " << chunk;
+    }
+  }
+}
+
 }  // namespace

@@ -110,6 +110,12 @@ struct Initializer {
   }
 };
 
+/// `causal_window_length` for "no window": every earlier chunk is seen (plain causal
+/// attention). A number of chunks larger than any sequence, so a Keras config round-trips it
+/// as an int; from it up, an exact streaming state keeps only its running sums (nothing ever
+/// leaves the window), the size of a recurrent one.
+inline constexpr int kUnboundedWindow = 1 << 30;
+
 /**
  * \brief Configuration of a kernel attention layer, named as the reference's Keras config.
  *
@@ -133,7 +139,7 @@ struct LayerConfig {
   bool scale_by_length = false;              ///< s_b = s ln(sum mask_b) / ln 512
   bool use_causal_windowed = false;          ///< causal windowed chunked attention
   int causal_chunk_length = 1;               ///< C
-  int causal_window_length = 3;              ///< W, in chunks
+  int causal_window_length = 3;              ///< W, in chunks; kUnboundedWindow: none
   std::optional<double> causal_window_decay; ///< gamma; absent: no decay
   std::optional<std::string> causal_padding; ///< absent/"none", "left", "right"
   /// Kernels the user does not set are drawn from it, seeded by `seed` (Keras default).

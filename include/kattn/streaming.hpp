@@ -16,6 +16,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "config.hpp"
 #include "detail/causal_state.hpp"
 #include "limits.hpp"
 #include "tensor.hpp"
@@ -433,7 +434,14 @@ StreamingState<Scalar> combine(const StreamingState<Scalar>& earlier,
       const auto& ha = a.headStates(r)[n];
       const auto& hb = b.headStates(r)[n];
       auto& h = out.headStates(r)[n];
-      if (exact) {
+      if (exact && earlier.window() >= kUnboundedWindow) {
+        // Nothing leaves an unbounded window: the earlier sums, decayed once per chunk of the
+        // later piece (a stream that ended inside a chunk counts that chunk), and the later's.
+        const Index chunks = (later.tokens() + later.chunk() - 1) / later.chunk();
+        const Scalar g = std::pow(gamma, Scalar(chunks));
+        h.kv = g * ha.kv + hb.kv;
+        h.z = g * ha.z + hb.z;
+      } else if (exact) {
         h = ha.followedBy(hb, gamma, earlier.window());
       } else {
         h.kv = ha.kv + hb.kv;

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <string>
 
+#include "../config.hpp"
 #include "../feature_maps.hpp"
 #include "../masking.hpp"
 #include "../streaming.hpp"
@@ -55,9 +56,11 @@ struct StreamingCore {
     } else {
       p.chunk = s.chunk();
       p.window = s.window();
-      p.sliding = true;
+      // An unbounded window never drops a chunk: the state is its running sums alone, as in
+      // the whole pass's fixed window.
+      p.sliding = s.window() < kUnboundedWindow;
       // A rescaled state (exp maps) keeps its ring as terms: the matrices save() writes.
-      p.compact_ring = !Traits::max_shifted;
+      p.compact_ring = p.sliding && !Traits::max_shifted;
     }
     return p;
   }
@@ -71,7 +74,7 @@ struct StreamingCore {
                        const CausalParams& p) {
     const Index T = pass.in.T, C = p.chunk, W = p.window;
     Budget b(sizeof(Scalar));
-    if (s.mode() == StreamingMode::Exact && pass.in.B > 0) {
+    if (p.sliding && pass.in.B > 0) {
       // Every head holds the same chunks.
       const auto& h = s.headStates(0)[0];
       const double call_chunks = double((T + C - 1) / C + (C > 1 ? 1 : 0));

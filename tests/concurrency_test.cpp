@@ -452,4 +452,58 @@ TEST(Determinism, CausalAcrossThreadCounts) {
     }
 }
 
+// Ragged calls on different slots of one StatePool from several threads at once (what
+// docs/serving.md allows), each on a layer sharing its thread pool: every slot's rows equal
+// the same calls made one after another.
+TEST(Concurrency, RaggedCallsOnDifferentSlotsOfOnePool) {
+  kattn::LayerConfig c;
+  c.num_heads = 2;
+  c.key_dim = 8;
+  c.feature_transform = "exp";
+  c.num_random_features = 16;
+  c.use_causal_windowed = true;
+  c.causal_chunk_length = 1;
+  c.causal_window_length = 6;
+  kattn::CausalKernelAttention<float, kattn::Exp> layer(c);
+  layer.setThreads(2);
+  layer.initializeWeights(12, 12);
+  constexpr int kThreads = 3, kCalls = 12;
+  Rng r(41);
+  // Thread t owns slots 2t and 2t + 1; call i brings a prompt piece to one, a step to the other.
+  std::vector<Tensor2> inputs;
+  for (int t = 0; t < kThreads; ++t) {
+    for (int i = 0; i < kCalls; ++i) inputs.push_back(randomTensor<2>(r, 0.5f, 9, 12));
+  }
+  auto run = [&](kattn::StatePool<float>& pool, const std::vector<Index>& slots, int t) {
+    std::vector<Tensor2> out;
+    for (int i = 0; i < kCalls; ++i) {
+      out.push_back(layer.forward(inputs[std::size_t(t * kCalls + i)], pool,
+                                  {slots[std::size_t(2 * t)], slots[std::size_t(2 * t + 1)]},
+                                  {0, i % 2 ? 8 : 1, 9}));
+    }
+    return out;
+  };
+  auto serial_pool = layer.makePool(2 * kThreads), shared_pool = layer.makePool(2 * kThreads);
+  std::vector<Index> serial_slots, shared_slots;
+  for (int s = 0; s < 2 * kThreads; ++s) {
+    serial_slots.push_back(serial_pool.acquire());
+    shared_slots.push_back(shared_pool.acquire());
+  }
+  std::vector<std::vector<Tensor2>> want, got(kThreads);
+  for (int t = 0; t < kThreads; ++t) want.push_back(run(serial_pool, serial_slots, t));
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] { got[std::size_t(t)] = run(shared_pool, shared_slots, t); });
+  }
+  for (auto& th : threads) th.join();
+  for (int t = 0; t < kThreads; ++t) {
+    for (int i = 0; i < kCalls; ++i) {
+      const Tensor2& a = got[std::size_t(t)][std::size_t(i)];
+      const Tensor2& b = want[std::size_t(t)][std::size_t(i)];
+      ASSERT_EQ(std::memcmp(a.data(), b.data(), sizeof(float) * std::size_t(a.size())), 0)
+          << "thread " << t << ", call " << i;
+    }
+  }
+}
+
 }  // namespace

@@ -3,7 +3,7 @@
 # Does nothing when everything is there already.
 set -euo pipefail
 pkgs=(cmake g++ clang libclang-rt-dev libeigen3-dev nlohmann-json3-dev libgtest-dev libbenchmark-dev
-      python3-dev python3-numpy python3-pybind11 pybind11-dev doxygen)
+      python3-dev python3-numpy python3-pybind11 pybind11-dev doxygen libopenmpi-dev openmpi-bin)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

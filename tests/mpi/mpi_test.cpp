@@ -254,6 +254,198 @@ TYPED_TEST(Parallel, CausalEqualsOneProcess) {
   }
 }
 
+// ---- faults: the same error on every rank, none left waiting --------------------------------
+
+using Layer = kattn::KernelAttention<double, kattn::Relu, kattn::CausalWindowed>;
+
+Layer causalLayer(std::uint32_t seed = 5) {
+  kattn::LayerConfig c;
+  c.num_heads = 2;
+  c.key_dim = 4;
+  c.feature_transform = "relu";
+  c.num_random_features = 0;
+  c.use_causal_windowed = true;
+  c.causal_chunk_length = 2;
+  c.causal_window_length = 3;
+  Layer layer(c);
+  std::mt19937 g(seed);
+  layer.setWeights(randomWeights<double>(g, c, 5, false));
+  return layer;
+}
+
+/// The message every rank threw, gathered: all equal, and containing `needle`.
+void expectSameError(const std::string& what, const std::string& needle) {
+  EXPECT_NE(what.find(needle), std::string::npos) << what;
+  const int n = int(what.size());
+  int lo = n, hi = n;
+  MPI_Allreduce(&n, &lo, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+  MPI_Allreduce(&n, &hi, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+  EXPECT_EQ(lo, hi) << "the ranks threw different messages; this one: " << what;
+}
+
+TEST(Faults, BadInputOnOneRankThrowsOnEveryRank) {
+  const Layer layer = causalLayer();
+  kattn::mpi::SequenceParallel sp(layer, MPI_COMM_WORLD);
+  const int bad = worldSize() - 1;
+  const Index D = worldRank() == bad ? 7 : 5;  // the last rank's rows have the wrong width
+  std::mt19937 g(1);
+  const auto x = randomTensor<double, 3>(g, {2, 4, D}, -1, 1);
+  try {
+    sp.forward(x, x);
+    ADD_FAILURE() << "no exception";
+  } catch (const std::invalid_argument& e) {
+    expectSameError(e.what(), "query");
+    if (worldSize() > 1) {
+      EXPECT_NE(std::string(e.what()).find("rank " + std::to_string(bad)), std::string::npos)
+          << e.what();
+    }
+  }
+  // The communicator is still usable: the next call succeeds.
+  const auto ok = randomTensor<double, 3>(g, {2, 4, 5}, -1, 1);
+  EXPECT_EQ(sp.forward(ok, ok).dimension(1), 4);
+}
+
+TEST(Faults, LayersThatDifferThrowOnEveryRank) {
+  // The last rank loads other weights.
+  const Layer layer = causalLayer(worldRank() == worldSize() - 1 && worldSize() > 1 ? 6 : 5);
+  kattn::mpi::SequenceParallel sp(layer, MPI_COMM_WORLD);
+  std::mt19937 g(2);
+  const auto x = randomTensor<double, 3>(g, {2, 4, 5}, -1, 1);
+  if (worldSize() == 1) {
+    EXPECT_NO_THROW(sp.forward(x, x));
+    return;
+  }
+  try {
+    sp.forward(x, x);
+    ADD_FAILURE() << "no exception";
+  } catch (const std::invalid_argument& e) {
+    expectSameError(e.what(), "differ in their layer");
+  }
+}
+
+TEST(Faults, BatchSizesThatDifferThrowOnEveryRank) {
+  const Layer layer = causalLayer();
+  kattn::mpi::SequenceParallel sp(layer, MPI_COMM_WORLD);
+  std::mt19937 g(3);
+  const auto x = randomTensor<double, 3>(g, {worldRank() == 0 ? 2 : 3, 4, 5}, -1, 1);
+  if (worldSize() == 1) return;
+  try {
+    sp.forward(x, x);
+    ADD_FAILURE() << "no exception";
+  } catch (const std::invalid_argument& e) {
+    expectSameError(e.what(), "batch size");
+  }
+}
+
+TEST(Faults, PaddingNoneRefusesALengthThatBreaksAChunk) {
+  const Layer layer = causalLayer();  // C = 2, padding none
+  kattn::mpi::SequenceParallel sp(layer, MPI_COMM_WORLD);
+  std::mt19937 g(4);
+  // Every rank's slice is whole chunks but one: the total is odd.
+  const auto x = randomTensor<double, 3>(g, {1, worldRank() == 0 ? 3 : 2, 5}, -1, 1);
+  try {
+    sp.forward(x, x);
+    ADD_FAILURE() << "no exception";
+  } catch (const std::invalid_argument& e) {
+    expectSameError(e.what(), "causal_chunk_length");
+  }
+}
+
+TEST(Faults, NullCommunicatorAndMpiErrors) {
+  const Layer layer = causalLayer();
+  EXPECT_THROW(kattn::mpi::SequenceParallel(layer, MPI_COMM_NULL), std::invalid_argument);
+  // An MPI error code becomes an Error naming the call and MPI's own message.
+  kattn::mpi::detail::Comm comm(MPI_COMM_WORLD);
+  try {
+    comm.check(MPI_ERR_TRUNCATE, "MPI_Recv");
+    ADD_FAILURE() << "no exception";
+  } catch (const kattn::mpi::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("MPI_Recv failed on rank"), std::string::npos);
+    EXPECT_EQ(e.failedRank(), worldRank());
+  }
+}
+
+TEST(Faults, CommunicatorOfOneRankIsTheSingleProcessForward) {
+  const Layer layer = causalLayer();
+  kattn::mpi::SequenceParallel sp(layer, MPI_COMM_SELF);
+  std::mt19937 g(5);
+  const auto x = randomTensor<double, 3>(g, {2, 6, 5}, -1, 1);
+  const Tensor<double, 3> want = layer.forward(x, x);
+  EXPECT_LE(relError(sp.forward(x, x), want, want), 1e-12);
+}
+
+TEST(Faults, UnsupportedPathsThrowOnEveryRank) {
+  kattn::LayerConfig c;
+  c.num_heads = 1;
+  c.key_dim = 4;
+  c.feature_transform = "elu";
+  c.num_random_features = 0;
+  c.begin_kernel = 2;
+  kattn::KernelAttention<double, kattn::Elu> layer(c);
+  std::mt19937 g(6);
+  kattn::Weights<double> w = randomWeights<double>(g, c, 5, false);
+  w.output_softmax_kernel = w.output_kernel;
+  w.output_softmax_bias = w.output_bias;
+  layer.setWeights(w);
+  kattn::mpi::SequenceParallel sp(layer, MPI_COMM_WORLD);
+  const auto x = randomTensor<double, 3>(g, {1, 3, 5}, -1, 1);
+  try {
+    sp.forward(x, x);
+    ADD_FAILURE() << "no exception";
+  } catch (const std::invalid_argument& e) {
+    expectSameError(e.what(), "begin_kernel");
+  }
+  // A bidirectional layer has no state to hand out.
+  c.begin_kernel = 0;
+  kattn::KernelAttention<double, kattn::Elu> plain(c);
+  plain.setWeights(randomWeights<double>(g, c, 5, false));
+  kattn::mpi::SequenceParallel sp2(plain, MPI_COMM_WORLD);
+  kattn::StreamingState<double> state;
+  try {
+    sp2.forward(x, x, std::nullopt, std::nullopt, &state);
+    ADD_FAILURE() << "no exception";
+  } catch (const std::invalid_argument& e) {
+    expectSameError(e.what(), "final_state");
+  }
+}
+
+// ---- decoding after a parallel prefill --------------------------------------------------------
+
+TEST(Streaming, TheLastRankHandsOutTheStateAfterThePrefill) {
+  for (std::optional<double> decay : {std::optional<double>(), std::optional<double>(0.9)}) {
+    kattn::LayerConfig c;
+    c.num_heads = 2;
+    c.key_dim = 4;
+    c.feature_transform = "exp";
+    c.num_random_features = 8;
+    c.use_causal_windowed = true;
+    c.causal_chunk_length = 2;
+    c.causal_window_length = 3;
+    c.causal_window_decay = decay;
+    kattn::KernelAttention<double, kattn::Exp, kattn::CausalWindowed> layer(c);
+    std::mt19937 g(7);
+    layer.setWeights(randomWeights<double>(g, c, 5, false));
+    const Index T = 20;
+    const auto x = randomTensor<double, 3>(g, {2, T, 5}, -1, 1);
+    const auto next = randomTensor<double, 3>(g, {2, 2, 5}, -1, 1);
+    // One process: a stream fed the prefill, then the next chunk.
+    auto stream = layer.makeState(2, kattn::StreamingMode::Exact);
+    layer.forward(x, x, std::nullopt, std::nullopt, stream);
+    const Tensor<double, 3> want = layer.forward(next, next, std::nullopt, std::nullopt, stream);
+    const auto cuts = randomCuts(g, T, worldSize());
+    const Index t0 = cuts[std::size_t(worldRank())], n = cuts[std::size_t(worldRank()) + 1] - t0;
+    kattn::mpi::SequenceParallel sp(layer, MPI_COMM_WORLD);
+    kattn::StreamingState<double> state;
+    sp.forward(rowsOf(x, t0, n), rowsOf(x, t0, n), std::nullopt, std::nullopt, &state);
+    if (worldRank() == worldSize() - 1) {
+      EXPECT_EQ(state.tokens(), T);
+      const Tensor<double, 3> got =
+          layer.forward(next, next, std::nullopt, std::nullopt, state);
+      EXPECT_LE(relError(got, want, want), 1e-10) << (decay ? "decay" : "no decay");
+    }
+  }
+}
+
 /// On ranks other than 0, failed assertions, named by rank (rank 0 prints the whole report).
 class RankFailures : public ::testing::EmptyTestEventListener {
   void OnTestPartResult(const ::testing::TestPartResult& result) override {

@@ -129,7 +129,9 @@ class SequenceParallel<KernelAttention<Scalar, FeatureMap, Masking>> {
       for (int r = 0; r < size(); ++r) lengths.push_back(all[std::size_t(r * kMeta + 4)]);
       y = causal(*q, *v, k, mask, lengths, final_state);
     } else {
-      y = bidirectional(*q, *v, k, mask);
+      y = bidirectional(Rows{q->data(), k ? k->data() : v->data(), v->data(),
+                             mask ? mask->data() : nullptr, q->dimension(0), q->dimension(1),
+                             v->dimension(1), bool(mask)});
     }
     m_comm.stats().seconds = MPI_Wtime() - t0;
     m_last = m_comm.stats();
@@ -213,15 +215,16 @@ class SequenceParallel<KernelAttention<Scalar, FeatureMap, Masking>> {
 
   /// Per batch row, sqrt of the scale (SPEC 1.2): with scale_by_length from the mask sums of
   /// the whole sequences.
-  std::vector<Scalar> rowScales(Index B, const std::optional<ConstTensorMap<Scalar, 2>>& mask) {
+  std::vector<Scalar> rowScales(Index B, bool masked, const Scalar* mask, Index S) {
     const LayerConfig& c = m_layer.config();
     std::vector<Scalar> r(std::size_t(B), std::sqrt(Scalar(c.resolvedScale())));
     if (!c.scale_by_length) return r;
-    if (!mask) throw std::invalid_argument("attention_mask: scale_by_length needs a mask (none given)");
+    if (!masked) {
+      throw std::invalid_argument("attention_mask: scale_by_length needs a mask (none given)");
+    }
     std::vector<Scalar> total(std::size_t(B), Scalar(0));
-    const Index S = mask->dimension(1);
     for (Index b = 0; b < B; ++b)
-      for (Index j = 0; j < S; ++j) total[std::size_t(b)] += mask->data()[b * S + j];
+      for (Index j = 0; j < S; ++j) total[std::size_t(b)] += mask[b * S + j];
     m_comm.allreduce(total.data(), total.size(), MPI_SUM);
     for (Index b = 0; b < B; ++b) {
       const Scalar t = total[std::size_t(b)];
@@ -247,30 +250,43 @@ class SequenceParallel<KernelAttention<Scalar, FeatureMap, Masking>> {
     m_core.setThreadPool(m_layer.threadPool());
   }
 
-  /// The heads, scaled, or for expplus its features (made from the whole sequences'
-  /// statistics): what the twins' core takes.
+  /// This rank's rows, row-major and contiguous: queries [B, Lq, D_q], keys [B, Lk, D_k] and
+  /// values [B, Lk, D_v], the key mask [B, Lk] (null: none, or no rows). `masked`: a mask
+  /// was given (on every rank, as agreed; an empty slice's data may be null).
+  struct Rows {
+    const Scalar *q = nullptr, *k = nullptr, *v = nullptr, *mask = nullptr;
+    Index B = 0, Lq = 0, Lk = 0;
+    bool masked = false;
+  };
+  /// What every block needs from the whole sequences: the row scales (sqrt), and expplus's
+  /// statistics per (b, n) (queries' sum of squares and row sum, then the keys'), its largest
+  /// key logit and the lengths.
+  struct Prepared {
+    std::vector<Scalar> r, stats;
+    Scalar key_max = -std::numeric_limits<Scalar>::infinity();
+    std::int64_t lengths[2] = {0, 0};
+  };
+  /// What the twins' core takes: the heads, scaled, or for expplus its features.
   struct CoreInputs {
     Tensor<Scalar, 4> q, k, v;
   };
-  CoreInputs coreInputs(const ConstTensorMap<Scalar, 3>& q, const ConstTensorMap<Scalar, 3>& v,
-                        const std::optional<ConstTensorMap<Scalar, 3>>& k,
-                        const std::optional<ConstTensorMap<Scalar, 2>>& mask);
+  /// Rows per block: a pass holds a block's projections, not the slice's.
+  static constexpr Index kBlockRows = 4096;
 
-  Tensor<Scalar, 3> bidirectional(const ConstTensorMap<Scalar, 3>& q,
-                                  const ConstTensorMap<Scalar, 3>& v,
-                                  const std::optional<ConstTensorMap<Scalar, 3>>& k,
-                                  const std::optional<ConstTensorMap<Scalar, 2>>& mask);
-
+  Prepared prepare(const Rows& x);
+  CoreInputs block(const Rows& x, const Prepared& p, Index q0, Index nq, Index k0, Index nk) const;
+  void shifts(const Rows& x, const Prepared& p, std::vector<Scalar>& qshift,
+              std::vector<Scalar>* kshift);
+  Tensor<Scalar, 3> bidirectional(const Rows& x);
   Tensor<Scalar, 3> causal(const ConstTensorMap<Scalar, 3>& q, const ConstTensorMap<Scalar, 3>& v,
                            const std::optional<ConstTensorMap<Scalar, 3>>& k,
                            const std::optional<ConstTensorMap<Scalar, 2>>& mask,
                            const std::vector<std::int64_t>& lengths,
                            StreamingState<Scalar>* final_state);
-
-  /// The state of this rank's chunks alone, fed from a fresh state: the scan's input.
-  StreamingState<Scalar> ownState(const CoreInputs& x, const Scalar* mask, Index lead,
-                                  const std::vector<Scalar>& qshift,
-                                  const std::vector<Scalar>& kshift);
+  StreamingState<Scalar> ownState(const Rows& x, const Prepared& p, Index lead,
+                                  StreamingState<Scalar> s);
+  void feed(const Rows& x, const Prepared& p, Index a, Index b, Index lead,
+            StreamingState<Scalar>& s, Scalar* y) const;
 
   const Layer& m_layer;
   detail::Comm m_comm;

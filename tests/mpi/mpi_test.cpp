@@ -254,6 +254,29 @@ TYPED_TEST(Parallel, CausalEqualsOneProcess) {
   }
 }
 
+TEST(Blocks, SlicesLongerThanABlockOfRows) {
+  // A rank works through its rows 4096 at a time: slices of several blocks, every map kind
+  // that keeps something across blocks (the exp maps' shifts, expplus's statistics).
+  Case c;
+  c.map = "exp";
+  c.m = 8;
+  c.T = c.S = 9001;
+  c.mask = true;
+  runCase<double, kattn::Exp, kattn::Bidirectional>(c, 41, 1e-10);
+  c.map = "expplus";
+  runCase<double, kattn::ExpPlus, kattn::Bidirectional>(c, 42, 1e-10);
+  c.map = "exp";
+  c.causal = true;
+  c.chunk = 3;
+  c.window = 2;
+  c.padding = "left";
+  runCase<double, kattn::Exp, kattn::CausalWindowed>(c, 43, 1e-10);
+  c.window = kattn::kUnboundedWindow;
+  c.decay = 0.999;
+  c.padding = "right";
+  runCase<double, kattn::Exp, kattn::CausalWindowed>(c, 44, 1e-10);
+}
+
 // ---- faults: the same error on every rank, none left waiting --------------------------------
 
 using Layer = kattn::KernelAttention<double, kattn::Relu, kattn::CausalWindowed>;

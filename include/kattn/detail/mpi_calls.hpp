@@ -1,9 +1,10 @@
 #pragma once
 /// \file
 /// \private The passes of kattn::mpi::SequenceParallel (kattn/mpi.hpp): bidirectional by an
-/// all-reduce of key summaries, causal by an exclusive scan of streaming states. Local work
-/// runs inside Comm::step, so that an exception on one rank reaches every rank before the
-/// next collective call.
+/// all-reduce of key summaries, causal by an exclusive scan of streaming states, both over
+/// blocks of rows so that a rank holds one block's projections at a time. Local work runs
+/// inside Comm::step, so that an exception on one rank reaches every rank before the next
+/// collective call.
 
 #include "../mpi.hpp"
 
@@ -11,124 +12,177 @@ namespace kattn {
 namespace mpi {
 
 template <typename Scalar, typename FeatureMap, typename Masking>
-auto SequenceParallel<KernelAttention<Scalar, FeatureMap, Masking>>::coreInputs(
-    const ConstTensorMap<Scalar, 3>& q, const ConstTensorMap<Scalar, 3>& v,
-    const std::optional<ConstTensorMap<Scalar, 3>>& k,
-    const std::optional<ConstTensorMap<Scalar, 2>>& mask) -> CoreInputs {
-  const Index B = q.dimension(0);
-  const std::vector<Scalar> r = rowScales(B, mask);
-  const ThreadPool* pool = m_layer.threadPool().get();
-  const Weights<Scalar>& w = m_layer.weights();
-  CoreInputs x;
-  m_comm.step([&] {
-    syncTwins();
-    x.q = detail::projectHeads(q, w.query_kernel, w.query_bias, r, pool);
-    x.k = detail::projectHeads(k ? *k : v, w.key_kernel, w.key_bias, r, pool);
-    x.v = detail::projectHeads(v, w.value_kernel, w.value_bias,
-                               std::vector<Scalar>(std::size_t(B), Scalar(1)), pool);
-  });
+auto SequenceParallel<KernelAttention<Scalar, FeatureMap, Masking>>::prepare(const Rows& x)
+    -> Prepared {
+  Prepared p;
+  p.r = rowScales(x.B, x.masked, x.mask, x.Lk);
+  m_comm.step([&] { syncTwins(); });
   if constexpr (kPair) {
-    if (!m_layer.config().hasProjection()) return x;  // expplus is then the identity
+    if (!m_layer.config().hasProjection()) return p;  // expplus is then the identity
     // SPEC 2: per (b, n) the sums of squares and row sums of both sides over the whole
     // sequences, and the largest key logit over the whole key tensor.
-    using Map = ExpPlus;
     const Index N = m_layer.numHeads(), d = m_layer.keyDim(), F = m_layer.numFeatures();
-    const Mat& P = m_layer.projection();
     const Index per = 2 * (1 + d);
-    std::vector<Scalar> stats(std::size_t(B * N * per), Scalar(0));
-    Scalar key_max = -std::numeric_limits<Scalar>::infinity();
-    auto rows = [&](const Tensor<Scalar, 4>& t, Index b) {
-      return Eigen::Map<const Mat>(t.data() + b * t.dimension(1) * N * d, t.dimension(1), N * d);
+    p.stats.assign(std::size_t(x.B * N * per), Scalar(0));
+    const Weights<Scalar>& w = m_layer.weights();
+    const ThreadPool* pool = m_layer.threadPool().get();
+    auto add = [&](const Tensor<Scalar, 4>& h, Index at, bool keys) {
+      const Index n = h.dimension(1);
+      Mat u;
+      for (Index b = 0; b < x.B; ++b) {
+        const Eigen::Map<const Mat> rows(h.data() + b * n * N * d, n, N * d);
+        for (Index hd = 0; hd < N; ++hd) {
+          Scalar* s = p.stats.data() + (b * N + hd) * per + at;
+          const auto blk = rows.middleCols(hd * d, d);
+          s[0] += blk.squaredNorm();
+          Eigen::Map<Vector<Scalar>>(s + 1, d) += blk.colwise().sum().transpose();
+          if (!keys) continue;
+          u.resize(n, F);
+          ExpPlus{}.logits(FeatureInput<Scalar>{blk, &m_layer.projection(), false},
+                           FeatureBlock<Scalar>(u));
+          if (u.size()) p.key_max = std::max(p.key_max, u.maxCoeff());
+        }
+      }
     };
     m_comm.step([&] {
-      Mat u;
-      for (Index b = 0; b < B; ++b) {
-        for (Index n = 0; n < N; ++n) {
-          Scalar* s = stats.data() + (b * N + n) * per;
-          const auto qb = rows(x.q, b).middleCols(n * d, d);
-          const auto kb = rows(x.k, b).middleCols(n * d, d);
-          s[0] = qb.squaredNorm();
-          Eigen::Map<Vector<Scalar>>(s + 1, d) = qb.colwise().sum().transpose();
-          s[1 + d] = kb.squaredNorm();
-          Eigen::Map<Vector<Scalar>>(s + 2 + d, d) = kb.colwise().sum().transpose();
-          u.resize(kb.rows(), F);
-          Map{}.logits(FeatureInput<Scalar>{kb, &P, false}, FeatureBlock<Scalar>(u));
-          if (u.size()) key_max = std::max(key_max, u.maxCoeff());
-        }
+      for (Index r0 = 0; r0 < x.Lq; r0 += kBlockRows) {
+        const Index n = std::min(kBlockRows, x.Lq - r0);
+        add(detail::projectHeads(x.q, x.B, x.Lq, r0, n, w.query_kernel, w.query_bias, p.r, pool),
+            0, false);
+      }
+      for (Index r0 = 0; r0 < x.Lk; r0 += kBlockRows) {
+        const Index n = std::min(kBlockRows, x.Lk - r0);
+        add(detail::projectHeads(x.k, x.B, x.Lk, r0, n, w.key_kernel, w.key_bias, p.r, pool),
+            1 + d, true);
       }
     });
-    m_comm.allreduce(stats.data(), stats.size(), MPI_SUM);
-    m_comm.allreduce(&key_max, 1, MPI_MAX);
-    std::int64_t lengths[2] = {q.dimension(1), v.dimension(1)};
-    m_comm.allreduce(lengths, 2, MPI_SUM);
-    CoreInputs f;
-    m_comm.step([&] {
-      f.q = Tensor<Scalar, 4>(B, q.dimension(1), N, F);
-      f.k = Tensor<Scalar, 4>(B, v.dimension(1), N, F);
-      f.v = std::move(x.v);
-      for (Index b = 0; b < B; ++b) {
-        Eigen::Map<Mat> qf(f.q.data() + b * f.q.dimension(1) * N * F, f.q.dimension(1), N * F);
-        Eigen::Map<Mat> kf(f.k.data() + b * f.k.dimension(1) * N * F, f.k.dimension(1), N * F);
-        for (Index n = 0; n < N; ++n) {
-          const Scalar* s = stats.data() + (b * N + n) * per;
-          typename Map::template SideStatistics<Scalar> sq, sk;
+    m_comm.allreduce(p.stats.data(), p.stats.size(), MPI_SUM);
+    m_comm.allreduce(&p.key_max, 1, MPI_MAX);
+    p.lengths[0] = x.Lq;
+    p.lengths[1] = x.Lk;
+    m_comm.allreduce(p.lengths, 2, MPI_SUM);
+  }
+  return p;
+}
+
+template <typename Scalar, typename FeatureMap, typename Masking>
+auto SequenceParallel<KernelAttention<Scalar, FeatureMap, Masking>>::block(
+    const Rows& x, const Prepared& p, Index q0, Index nq, Index k0, Index nk) const
+    -> CoreInputs {
+  const Weights<Scalar>& w = m_layer.weights();
+  const ThreadPool* pool = m_layer.threadPool().get();
+  CoreInputs c;
+  c.q = detail::projectHeads(x.q, x.B, x.Lq, q0, nq, w.query_kernel, w.query_bias, p.r, pool);
+  c.k = detail::projectHeads(x.k, x.B, x.Lk, k0, nk, w.key_kernel, w.key_bias, p.r, pool);
+  c.v = detail::projectHeads(x.v, x.B, x.Lk, k0, nk, w.value_kernel, w.value_bias,
+                             std::vector<Scalar>(std::size_t(x.B), Scalar(1)), pool);
+  if constexpr (kPair) {
+    if (!m_layer.config().hasProjection()) return c;
+    const Index N = m_layer.numHeads(), d = m_layer.keyDim(), F = m_layer.numFeatures();
+    const Index per = 2 * (1 + d);
+    const Mat& P = m_layer.projection();
+    auto features = [&](const Tensor<Scalar, 4>& h, bool queries) {
+      const Index n = h.dimension(1);
+      Tensor<Scalar, 4> f(x.B, n, N, F);
+      for (Index b = 0; b < x.B; ++b) {
+        const Eigen::Map<const Mat> rows(h.data() + b * n * N * d, n, N * d);
+        Eigen::Map<Mat> out(f.data() + b * n * N * F, n, N * F);
+        for (Index hd = 0; hd < N; ++hd) {
+          const Scalar* s = p.stats.data() + (b * N + hd) * per;
+          typename ExpPlus::template SideStatistics<Scalar> sq, sk;
           sq.sum_squares = s[0];
           sq.sum = Eigen::Map<const Vector<Scalar>>(s + 1, d);
-          sq.length = Index(lengths[0]);
+          sq.length = Index(p.lengths[0]);
           sk.sum_squares = s[1 + d];
           sk.sum = Eigen::Map<const Vector<Scalar>>(s + 2 + d, d);
-          sk.length = Index(lengths[1]);
-          const FeatureInput<Scalar> qin{rows(x.q, b).middleCols(n * d, d), &P, true};
-          const FeatureInput<Scalar> kin{rows(x.k, b).middleCols(n * d, d), &P, false};
-          FeatureBlock<Scalar> qo(qf.middleCols(n * F, F)), ko(kf.middleCols(n * F, F));
-          Map{}.logits(qin, qo);
-          Map{}.finish(qin, qo, Map::coefficients(sq, sk, d), Scalar(0));
-          Map{}.logits(kin, ko);
-          Map{}.finish(kin, ko, Map::coefficients(sk, sq, d), key_max);
+          sk.length = Index(p.lengths[1]);
+          const FeatureInput<Scalar> in{rows.middleCols(hd * d, d), &P, queries};
+          FeatureBlock<Scalar> o(out.middleCols(hd * F, F));
+          ExpPlus{}.logits(in, o);
+          ExpPlus{}.finish(in, o, queries ? ExpPlus::coefficients(sq, sk, d)
+                                          : ExpPlus::coefficients(sk, sq, d),
+                           queries ? Scalar(0) : p.key_max);
         }
       }
+      return f;
+    };
+    c.q = features(c.q, true);
+    c.k = features(c.k, false);
+  }
+  return c;
+}
+
+template <typename Scalar, typename FeatureMap, typename Masking>
+void SequenceParallel<KernelAttention<Scalar, FeatureMap, Masking>>::shifts(
+    const Rows& x, const Prepared& p, std::vector<Scalar>& qshift, std::vector<Scalar>* kshift) {
+  // The exp maps' largest logits of each side over the whole sequences (SPEC 2): a pass of
+  // projections before the core, as the single-process pass makes.
+  qshift.assign(std::size_t(x.B), -std::numeric_limits<Scalar>::infinity());
+  if (kshift) kshift->assign(std::size_t(x.B), -std::numeric_limits<Scalar>::infinity());
+  if constexpr (feature_map_traits<CoreMap>::max_shifted) {
+    m_comm.step([&] {
+      auto fold = [](std::vector<Scalar>& into, const std::vector<Scalar>& from) {
+        for (std::size_t b = 0; b < into.size(); ++b) into[b] = std::max(into[b], from[b]);
+      };
+      for (Index r0 = 0; r0 < x.Lq; r0 += kBlockRows) {
+        const Index n = std::min(kBlockRows, x.Lq - r0);
+        const CoreInputs c = block(x, p, r0, n, 0, 0);
+        fold(qshift, queryShift(m_core, kattn::constView<Scalar, 4>(c.q)));
+      }
+      for (Index r0 = 0; kshift && r0 < x.Lk; r0 += kBlockRows) {
+        const Index n = std::min(kBlockRows, x.Lk - r0);
+        const CoreInputs c = block(x, p, 0, 0, r0, n);
+        fold(*kshift, queryShift(m_core, kattn::constView<Scalar, 4>(c.k)));
+      }
     });
-    return f;
-  } else {
-    return x;
+    m_comm.allreduce(qshift.data(), qshift.size(), MPI_MAX);
+    if (kshift) m_comm.allreduce(kshift->data(), kshift->size(), MPI_MAX);
   }
 }
 
 template <typename Scalar, typename FeatureMap, typename Masking>
 Tensor<Scalar, 3> SequenceParallel<KernelAttention<Scalar, FeatureMap, Masking>>::bidirectional(
-    const ConstTensorMap<Scalar, 3>& q, const ConstTensorMap<Scalar, 3>& v,
-    const std::optional<ConstTensorMap<Scalar, 3>>& k,
-    const std::optional<ConstTensorMap<Scalar, 2>>& mask) {
+    const Rows& x) {
   constexpr bool shifted = feature_map_traits<CoreMap>::max_shifted;
-  const CoreInputs x = coreInputs(q, v, k, mask);
-  const Index B = q.dimension(0), T = q.dimension(1), N = m_layer.numHeads();
-  const Index F = m_layer.numFeatures(), dv = m_layer.valueDim();
-  KeySummary<Scalar> summary;
+  const Index B = x.B, N = m_layer.numHeads(), F = m_layer.numFeatures();
+  const Index dv = m_layer.valueDim();
+  const Prepared p = prepare(x);
   std::vector<Scalar> qshift;
+  shifts(x, p, qshift, nullptr);
+  KeySummary<Scalar> summary(B, N, F, dv);
   m_comm.step([&] {
-    std::optional<ConstTensorMap<Scalar, 2>> m;
-    if (mask) m.emplace(mask->data(), B, mask->dimension(1));
-    summary = summarizeKeys(m_keys, kattn::constView<Scalar, 4>(x.k), kattn::constView<Scalar, 4>(x.v), m);
-    qshift = queryShift(m_keys, kattn::constView<Scalar, 4>(x.q));
+    Tensor<Scalar, 2> m;
+    for (Index r0 = 0; r0 < x.Lk; r0 += kBlockRows) {
+      const Index n = std::min(kBlockRows, x.Lk - r0);
+      const CoreInputs c = block(x, p, 0, 0, r0, n);
+      std::optional<ConstTensorMap<Scalar, 2>> mask;
+      if (x.mask) {
+        m = Tensor<Scalar, 2>(B, n);
+        for (Index b = 0; b < B; ++b)
+          std::copy(x.mask + b * x.Lk + r0, x.mask + b * x.Lk + r0 + n, m.data() + b * n);
+        mask.emplace(m.data(), B, n);
+      }
+      summary = combine(summary, summarizeKeys(m_keys, kattn::constView<Scalar, 4>(c.k),
+                                               kattn::constView<Scalar, 4>(c.v), mask));
+    }
   });
   // Every rank's sums relative to the largest key logit of all ranks, then added.
-  const Index per = F * dv + F;
-  std::vector<Scalar> sums(std::size_t(B * N * per));
   if constexpr (shifted) {
-    std::vector<Scalar> shifts(std::size_t(B * N));
+    std::vector<Scalar> all(std::size_t(B * N));
     for (Index b = 0; b < B; ++b)
-      for (Index n = 0; n < N; ++n) shifts[std::size_t(b * N + n)] = summary.shift(b, n);
-    m_comm.allreduce(shifts.data(), shifts.size(), MPI_MAX);
-    m_comm.allreduce(qshift.data(), qshift.size(), MPI_MAX);
+      for (Index n = 0; n < N; ++n) all[std::size_t(b * N + n)] = summary.shift(b, n);
+    m_comm.allreduce(all.data(), all.size(), MPI_MAX);
     for (Index b = 0; b < B; ++b)
       for (Index n = 0; n < N; ++n) {
-        const Scalar own = summary.shift(b, n), all = shifts[std::size_t(b * N + n)];
-        const Scalar w = std::isfinite(own) && std::isfinite(all) ? std::exp(own - all) : 1;
+        const Scalar own = summary.shift(b, n), top = all[std::size_t(b * N + n)];
+        const Scalar w = std::isfinite(own) && std::isfinite(top) ? std::exp(own - top) : 1;
         summary.kv(b, n) *= w;
         summary.z(b, n) *= w;
-        summary.shift(b, n) = all;
+        summary.shift(b, n) = top;
       }
   }
+  const Index per = F * dv + F;
+  std::vector<Scalar> sums(std::size_t(B * N * per));
   for (Index b = 0; b < B; ++b)
     for (Index n = 0; n < N; ++n) {
       Scalar* s = sums.data() + (b * N + n) * per;
@@ -136,7 +190,7 @@ Tensor<Scalar, 3> SequenceParallel<KernelAttention<Scalar, FeatureMap, Masking>>
       Eigen::Map<Vector<Scalar>>(s + F * dv, F) = summary.z(b, n);
     }
   m_comm.allreduce(sums.data(), sums.size(), MPI_SUM);
-  Tensor<Scalar, 3> y;
+  Tensor<Scalar, 3> y(B, x.Lq, m_layer.outputDim());
   m_comm.step([&] {
     for (Index b = 0; b < B; ++b)
       for (Index n = 0; n < N; ++n) {
@@ -144,81 +198,98 @@ Tensor<Scalar, 3> SequenceParallel<KernelAttention<Scalar, FeatureMap, Masking>>
         summary.kv(b, n) = Eigen::Map<const Mat>(s, F, dv);
         summary.z(b, n) = Eigen::Map<const Vector<Scalar>>(s + F * dv, F);
       }
-    Tensor<Scalar, 4> heads(B, T, N, dv);
-    readout(m_keys, kattn::constView<Scalar, 4>(x.q), summary, TensorMap<Scalar, 4>(heads), qshift);
-    y = detail::projectOutput(heads, m_layer.weights(), m_layer.threadPool().get());
+    for (Index r0 = 0; r0 < x.Lq; r0 += kBlockRows) {
+      const Index n = std::min(kBlockRows, x.Lq - r0);
+      const CoreInputs c = block(x, p, r0, n, 0, 0);
+      Tensor<Scalar, 4> heads(B, n, N, dv);
+      readout(m_keys, kattn::constView<Scalar, 4>(c.q), summary, TensorMap<Scalar, 4>(heads),
+              qshift);
+      detail::projectOutput(heads, m_layer.weights(), m_layer.threadPool().get(), y.data(),
+                            x.Lq, r0);
+    }
   });
   return y;
 }
 
 template <typename Scalar, typename FeatureMap, typename Masking>
-StreamingState<Scalar> SequenceParallel<KernelAttention<Scalar, FeatureMap, Masking>>::ownState(
-    const CoreInputs& x, const Scalar* mask, Index lead, const std::vector<Scalar>& qshift,
-    const std::vector<Scalar>& kshift) {
-  constexpr bool shifted = feature_map_traits<CoreMap>::max_shifted;
-  const Index B = x.q.dimension(0), L = x.q.dimension(1), N = m_layer.numHeads();
-  const CausalWindowed& cw = m_core.masking();
-  const Index C = cw.chunk;
-  StreamingState<Scalar> s = m_core.makeState(B, StreamingMode::Exact);
-  for (Index b = 0; b < B && shifted; ++b) {
-    s.fixQueryShift(b, qshift[std::size_t(b)]);
-    s.raiseKeyShift(b, kshift[std::size_t(b)]);
+void SequenceParallel<KernelAttention<Scalar, FeatureMap, Masking>>::feed(
+    const Rows& x, const Prepared& p, Index a, Index b, Index lead, StreamingState<Scalar>& s,
+    Scalar* y) const {
+  const Index B = x.B, C = m_core.masking().chunk;
+  const Index step = std::max(C, kBlockRows / C * C);
+  Tensor<Scalar, 2> m;
+  for (Index r0 = a; r0 < b;) {
+    // Left padding's first chunk: `pad` copies of its first row, masked, in front. A copy
+    // leaves the exp maps' largest key logit as it is, and a masked key adds nothing.
+    const Index pad = r0 == 0 ? lead : 0, n = std::min(b - r0, step - pad);
+    const CoreInputs c = block(x, p, r0, n, r0, n);
+    m = Tensor<Scalar, 2>(B, pad + n);
+    for (Index i = 0; i < B; ++i)
+      for (Index t = 0; t < pad + n; ++t)
+        m(i, t) = t < pad ? Scalar(0) : (x.mask ? x.mask[i * x.Lk + r0 + t - pad] : Scalar(1));
+    Tensor<Scalar, 4> heads;
+    if (pad > 0) {
+      const Tensor<Scalar, 4> all = m_core.attend(detail::padRows(c.q, pad),
+                                                  detail::padRows(c.k, pad),
+                                                  detail::padRows(c.v, pad), m, s);
+      heads = all.slice(std::array<Index, 4>{0, pad, 0, 0},
+                        std::array<Index, 4>{B, n, all.dimension(2), all.dimension(3)});
+    } else {
+      heads = m_core.attend(c.q, c.k, c.v, m, s);
+    }
+    if (y) {
+      detail::projectOutput(heads, m_layer.weights(), m_layer.threadPool().get(), y, x.Lq, r0);
+    }
+    r0 += n;
   }
+}
+
+template <typename Scalar, typename FeatureMap, typename Masking>
+StreamingState<Scalar> SequenceParallel<KernelAttention<Scalar, FeatureMap, Masking>>::ownState(
+    const Rows& x, const Prepared& p, Index lead, StreamingState<Scalar> s) {
+  constexpr bool shifted = feature_map_traits<CoreMap>::max_shifted;
+  const Index B = x.B, L = x.Lq, N = m_layer.numHeads();
+  const CausalWindowed& cw = m_core.masking();
+  const Index C = cw.chunk, chunks = (lead + L + C - 1) / C;
   if (L == 0) return s;
-  const Index chunks = (lead + L + C - 1) / C;
-  if (cw.window >= kUnboundedWindow) {
-    // Nothing leaves the window: the state is the sums over every key, chunk c weighted by
-    // gamma^(chunks after it), which the key summary computes as mask weights.
-    std::vector<Scalar> weight(std::size_t(B * L));
-    for (Index b = 0; b < B; ++b)
-      for (Index t = 0; t < L; ++t) {
-        const Scalar m = mask ? mask[b * L + t] : Scalar(1);
-        const Index after = chunks - 1 - (t + lead) / C;
-        weight[std::size_t(b * L + t)] =
-            cw.decay ? m * std::pow(Scalar(*cw.decay), Scalar(after)) : m;
-      }
-    const KeySummary<Scalar> sum = summarizeKeys(
-        m_keys, kattn::constView<Scalar, 4>(x.k), kattn::constView<Scalar, 4>(x.v),
-        std::optional<ConstTensorMap<Scalar, 2>>(ConstTensorMap<Scalar, 2>(weight.data(), B, L)));
-    for (Index b = 0; b < B; ++b)
-      for (Index n = 0; n < N; ++n) {
-        Scalar w = 1;
-        if constexpr (shifted) {
-          const Scalar own = sum.shift(b, n), all = s.keyShift(b);
-          w = std::isfinite(own) && std::isfinite(all) ? std::exp(own - all) : 1;
-        }
-        s.headStates(b)[n].kv = w * sum.kv(b, n);
-        s.headStates(b)[n].z = w * sum.z(b, n);
-      }
-    s.addTokens(lead + L);
+  if (cw.window < kUnboundedWindow) {
+    // A finite window: only the last W chunks stay in the state.
+    const Index keep = std::min(chunks, cw.window);
+    const Index skip = chunks > keep ? (chunks - keep) * C - lead : 0;
+    feed(x, p, skip, L, lead, s, nullptr);
+    s.addTokens(skip);
     return s;
   }
-  // A finite window: only the last W chunks stay in the state.
-  const Index keep = std::min(chunks, cw.window);
-  const Index skip = chunks > keep ? (chunks - keep) * C - lead : 0;
-  const Index pad = skip == 0 ? lead : 0, n = L - skip;
-  // Left padding's first chunk: `pad` copies of its first row, masked, in front. A copy
-  // leaves the exp maps' largest key logit as it is, and a masked key adds nothing.
-  Tensor<Scalar, 4> q(B, pad + n, N, x.q.dimension(3)), k(B, pad + n, N, x.k.dimension(3)),
-      v(B, pad + n, N, x.v.dimension(3));
-  Tensor<Scalar, 2> m(B, pad + n);
-  auto copyRows = [&](const Tensor<Scalar, 4>& from, Tensor<Scalar, 4>& to) {
-    const Index w = from.dimension(2) * from.dimension(3);
-    for (Index b = 0; b < B; ++b) {
-      const Scalar* src = from.data() + (b * L + skip) * w;
-      Scalar* dst = to.data() + b * (pad + n) * w;
-      for (Index p = 0; p < pad; ++p) std::copy(src, src + w, dst + p * w);
-      std::copy(src, src + n * w, dst + pad * w);
-    }
-  };
-  copyRows(x.q, q);
-  copyRows(x.k, k);
-  copyRows(x.v, v);
+  // Nothing leaves the window: the state is the sums over every key, chunk c weighted by
+  // gamma^(chunks after it), which the key summary takes as mask weights. No query is read.
+  KeySummary<Scalar> sum(B, N, m_layer.numFeatures(), m_layer.valueDim());
+  Tensor<Scalar, 2> weight;
+  for (Index r0 = 0; r0 < L; r0 += kBlockRows) {
+    const Index n = std::min(kBlockRows, L - r0);
+    const CoreInputs c = block(x, p, 0, 0, r0, n);
+    weight = Tensor<Scalar, 2>(B, n);
+    for (Index b = 0; b < B; ++b)
+      for (Index t = 0; t < n; ++t) {
+        const Scalar m = x.mask ? x.mask[b * L + r0 + t] : Scalar(1);
+        const Index after = chunks - 1 - (r0 + t + lead) / C;
+        weight(b, t) = cw.decay ? m * std::pow(Scalar(*cw.decay), Scalar(after)) : m;
+      }
+    sum = combine(sum, summarizeKeys(m_keys, kattn::constView<Scalar, 4>(c.k),
+                                     kattn::constView<Scalar, 4>(c.v),
+                                     std::optional<ConstTensorMap<Scalar, 2>>(
+                                         ConstTensorMap<Scalar, 2>(weight.data(), B, n))));
+  }
   for (Index b = 0; b < B; ++b)
-    for (Index t = 0; t < pad + n; ++t)
-      m(b, t) = t < pad ? Scalar(0) : (mask ? mask[b * L + skip + t - pad] : Scalar(1));
-  m_core.attend(q, k, v, m, s);
-  s.addTokens(skip);
+    for (Index n = 0; n < N; ++n) {
+      Scalar w = 1;
+      if constexpr (shifted) {
+        const Scalar own = sum.shift(b, n), all = s.keyShift(b);
+        w = std::isfinite(own) && std::isfinite(all) ? std::exp(own - all) : 1;
+      }
+      s.headStates(b)[n].kv = w * sum.kv(b, n);
+      s.headStates(b)[n].z = w * sum.z(b, n);
+    }
+  s.addTokens(lead + L);
   return s;
 }
 
@@ -229,61 +300,47 @@ Tensor<Scalar, 3> SequenceParallel<KernelAttention<Scalar, FeatureMap, Masking>>
     const std::optional<ConstTensorMap<Scalar, 2>>& mask, const std::vector<std::int64_t>& lengths,
     StreamingState<Scalar>* final_state) {
   constexpr bool shifted = feature_map_traits<CoreMap>::max_shifted;
-  const Index B = q.dimension(0), N = m_layer.numHeads();
+  const Index B = q.dimension(0);
   Index T = 0;
   for (std::int64_t n : lengths) T += Index(n);
   // The same on every rank: a length that padding none refuses throws everywhere.
   const detail::ChunkPlan plan(lengths, m_layer.masking().chunk, m_layer.masking().leadingPad(T));
   const int me = rank();
-  const Index L = plan.rows(me), row0 = plan.computed[std::size_t(me)];
-  const Index lead = row0 == 0 ? plan.lead : 0;
-  // The rows of the chunks this rank computes.
+  const Index L = plan.rows(me), lead = plan.computed[std::size_t(me)] == 0 ? plan.lead : 0;
+  // The rows of the chunks this rank computes: only rows of cut chunks move.
   auto exchange = [&](const std::vector<Scalar>& s, const std::vector<std::size_t>& sc,
                       std::vector<Scalar>& r, const std::vector<std::size_t>& rc) {
     m_comm.alltoallv(s, sc, r, rc);
   };
   std::vector<Scalar> qm, vm, km, mm;
-  auto moved = [&](const Scalar* rows, Index width, std::vector<Scalar>& out) {
+  auto moved = [&](const Scalar* rows, Index width, std::vector<Scalar>& out) -> const Scalar* {
+    if (plan.aligned()) return rows;
     out = detail::moveRows(plan, me, B, width, rows, true, exchange);
-    return ConstTensorMap<Scalar, 3>(out.data(), B, L, width);
+    return out.data();
   };
-  std::optional<ConstTensorMap<Scalar, 3>> qc, vc, kc;
-  std::optional<ConstTensorMap<Scalar, 2>> mc;
-  if (plan.aligned()) {
-    qc.emplace(q);
-    vc.emplace(v);
-    if (k) kc.emplace(*k);
-    if (mask) mc.emplace(*mask);
-  } else {
-    qc.emplace(moved(q.data(), q.dimension(2), qm));
-    vc.emplace(moved(v.data(), v.dimension(2), vm));
-    if (k) kc.emplace(moved(k->data(), k->dimension(2), km));
-    if (mask) mc.emplace(moved(mask->data(), 1, mm).data(), B, L);
-  }
-  const CoreInputs x = coreInputs(*qc, *vc, kc, mc);
-  std::vector<Scalar> qshift(static_cast<std::size_t>(B)), kshift(qshift);
-  if constexpr (shifted) {
-    m_comm.step([&] {
-      qshift = queryShift(m_core, kattn::constView<Scalar, 4>(x.q));
-      kshift = queryShift(m_core, kattn::constView<Scalar, 4>(x.k));
-    });
-    m_comm.allreduce(qshift.data(), qshift.size(), MPI_MAX);
-    m_comm.allreduce(kshift.data(), kshift.size(), MPI_MAX);
-  }
-  const Scalar* mdata = mc ? mc->data() : nullptr;
-  // The scan: the last rank's own state is nobody's prefix.
+  Rows x;
+  x.B = B;
+  x.Lq = x.Lk = L;
+  x.q = moved(q.data(), q.dimension(2), qm);
+  x.v = moved(v.data(), v.dimension(2), vm);
+  x.k = k ? moved(k->data(), k->dimension(2), km) : x.v;
+  x.mask = mask ? moved(mask->data(), 1, mm) : nullptr;
+  x.masked = bool(mask);
+  const Prepared p = prepare(x);
+  std::vector<Scalar> qshift, kshift;
+  shifts(x, p, qshift, &kshift);
+  StreamingState<Scalar> fresh = m_core.makeState(B, StreamingMode::Exact);
+  for (Index b = 0; b < B && shifted; ++b) fresh.raiseKeyShift(b, kshift[std::size_t(b)]);
+  // The scan. The last rank's own state is nobody's prefix.
   std::string own;
   m_comm.step([&] {
-    if (me + 1 < size() && L > 0) own = ownState(x, mdata, lead, qshift, kshift).toBytes();
+    own = me + 1 < size() && L > 0 ? ownState(x, p, lead, fresh).toBytes() : fresh.toBytes();
   });
-  StreamingState<Scalar> empty = m_core.makeState(B, StreamingMode::Exact);
-  for (Index b = 0; b < B && shifted; ++b) empty.raiseKeyShift(b, kshift[std::size_t(b)]);
-  const std::string fresh = empty.toBytes();
   // The operator must not throw between the scan's messages (a rank that left would leave
   // its peers waiting): it keeps its first error for the agreement after the scan.
   std::exception_ptr scan_error;
   const std::string before = m_comm.exclusiveScan(
-      own.empty() ? fresh : own, fresh, [&](const std::string& a, const std::string& b) {
+      own, fresh.toBytes(), [&](const std::string& a, const std::string& b) {
         try {
           const auto sa = StreamingState<Scalar>::fromBytes(a);
           const auto sb = StreamingState<Scalar>::fromBytes(b);
@@ -296,56 +353,20 @@ Tensor<Scalar, 3> SequenceParallel<KernelAttention<Scalar, FeatureMap, Masking>>
         }
       });
   m_comm.agree(scan_error);
-  Tensor<Scalar, 3> yc;
-  StreamingState<Scalar> state;
+  Tensor<Scalar, 3> yc(B, L, m_layer.outputDim());
   m_comm.step([&] {
-    state = StreamingState<Scalar>::fromBytes(before);
+    StreamingState<Scalar> state = StreamingState<Scalar>::fromBytes(before);
     for (Index b = 0; b < B && shifted; ++b) state.fixQueryShift(b, qshift[std::size_t(b)]);
-    Tensor<Scalar, 4> heads;
-    if (L > 0 && lead > 0) {
-      // As in ownState: masked copies of the first row make left padding's first chunk whole.
-      const Index Nq = x.q.dimension(3), Nk = x.k.dimension(3), Nv = x.v.dimension(3);
-      Tensor<Scalar, 4> qp(B, lead + L, N, Nq), kp(B, lead + L, N, Nk), vp(B, lead + L, N, Nv);
-      Tensor<Scalar, 2> mp(B, lead + L);
-      auto pad = [&](const Tensor<Scalar, 4>& from, Tensor<Scalar, 4>& to) {
-        const Index w = from.dimension(2) * from.dimension(3);
-        for (Index b = 0; b < B; ++b) {
-          const Scalar* src = from.data() + b * L * w;
-          Scalar* dst = to.data() + b * (lead + L) * w;
-          for (Index p = 0; p < lead; ++p) std::copy(src, src + w, dst + p * w);
-          std::copy(src, src + L * w, dst + lead * w);
-        }
-      };
-      pad(x.q, qp);
-      pad(x.k, kp);
-      pad(x.v, vp);
-      for (Index b = 0; b < B; ++b)
-        for (Index t = 0; t < lead + L; ++t)
-          mp(b, t) = t < lead ? Scalar(0) : (mdata ? mdata[b * L + t - lead] : Scalar(1));
-      const Tensor<Scalar, 4> all = m_core.attend(qp, kp, vp, mp, state);
-      const Index dv = m_layer.valueDim();
-      heads = Tensor<Scalar, 4>(B, L, N, dv);
-      for (Index b = 0; b < B; ++b)
-        std::copy(all.data() + (b * (lead + L) + lead) * N * dv,
-                  all.data() + (b * (lead + L) + lead + L) * N * dv, heads.data() + b * L * N * dv);
-    } else if (L > 0) {
-      std::optional<ConstTensorMap<Scalar, 2>> m;
-      if (mdata) m.emplace(mdata, B, L);
-      heads = m_core.attend(x.q, x.k, x.v, m, state);
-    } else {
-      heads = Tensor<Scalar, 4>(B, 0, N, m_layer.valueDim());
-    }
-    yc = detail::projectOutput(heads, m_layer.weights(), m_layer.threadPool().get());
+    feed(x, p, 0, L, lead, state, yc.data());
     if (final_state && me + 1 == size()) {
       // Through bytes: the fixed query shift is a setting of this pass, not of the stream.
       *final_state = StreamingState<Scalar>::fromBytes(state.toBytes());
     }
   });
   if (plan.aligned()) return yc;
-  const Index O = yc.dimension(2);
-  std::vector<Scalar> back =
-      detail::moveRows(plan, me, B, O, yc.data(), false, exchange);
-  Tensor<Scalar, 3> y(B, q.dimension(1), O);
+  const std::vector<Scalar> back = detail::moveRows(plan, me, B, yc.dimension(2), yc.data(),
+                                                    false, exchange);
+  Tensor<Scalar, 3> y(B, q.dimension(1), yc.dimension(2));
   std::copy(back.begin(), back.end(), y.data());
   return y;
 }

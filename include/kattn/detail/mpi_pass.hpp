@@ -64,22 +64,22 @@ std::uint64_t fingerprint(const KernelAttention<Scalar, FeatureMap, Masking>& la
   return h;
 }
 
-/// Heads [B, L, N, h] = factor_b (x[b] W + bias) of the rows x [B, L, D] (SPEC 1.1), one GEMM
-/// for all heads per slice of rows, as the whole pass projects.
+/// Heads [B, n, N, h] = factor_b (x[b, r0:r0+n] W + bias) of the rows x [B, L, D] (SPEC 1.1),
+/// one GEMM for all heads per slice of rows, as the whole pass projects.
 template <typename Scalar>
-Tensor<Scalar, 4> projectHeads(const ConstTensorMap<Scalar, 3>& x, const Tensor<Scalar, 3>& kernel,
-                               const Tensor<Scalar, 2>& bias, const std::vector<Scalar>& factor,
-                               const ThreadPool* pool) {
+Tensor<Scalar, 4> projectHeads(const Scalar* x, Index B, Index L, Index r0, Index n,
+                               const Tensor<Scalar, 3>& kernel, const Tensor<Scalar, 2>& bias,
+                               const std::vector<Scalar>& factor, const ThreadPool* pool) {
   using ConstMapMat = Eigen::Map<const Matrix<Scalar>>;
   using RowVec = Eigen::Matrix<Scalar, 1, Eigen::Dynamic>;
-  const Index B = x.dimension(0), L = x.dimension(1), D = x.dimension(2);
-  const Index N = kernel.dimension(1), h = kernel.dimension(2), cols = N * h;
-  Tensor<Scalar, 4> out(B, L, N, h);
+  const Index D = kernel.dimension(0), N = kernel.dimension(1), h = kernel.dimension(2);
+  const Index cols = N * h;
+  Tensor<Scalar, 4> out(B, n, N, h);
   const ConstMapMat W(kernel.data(), D, cols);
   for (Index b = 0; b < B; ++b) {
-    forRowSlices(L, pool, [&](Index s0, Index len) {
-      Eigen::Map<Matrix<Scalar>> o(out.data() + (b * L + s0) * cols, len, cols);
-      o.noalias() = ConstMapMat(x.data() + (b * L + s0) * D, len, D) * W;
+    forRowSlices(n, pool, [&](Index s0, Index len) {
+      Eigen::Map<Matrix<Scalar>> o(out.data() + (b * n + s0) * cols, len, cols);
+      o.noalias() = ConstMapMat(x + (b * L + r0 + s0) * D, len, D) * W;
       if (bias.size()) o.rowwise() += Eigen::Map<const RowVec>(bias.data(), cols);
       if (factor[std::size_t(b)] != Scalar(1)) o *= factor[std::size_t(b)];
     });
@@ -87,24 +87,38 @@ Tensor<Scalar, 4> projectHeads(const ConstTensorMap<Scalar, 3>& x, const Tensor<
   return out;
 }
 
-/// The output projection y [B, L, O] = heads [B, L, N, d_v] Wo + bo (SPEC 1.5).
+/// Rows r0.. of the output y [B, L, O] = heads [B, n, N, d_v] Wo + bo (SPEC 1.5).
 template <typename Scalar>
-Tensor<Scalar, 3> projectOutput(const Tensor<Scalar, 4>& heads, const Weights<Scalar>& w,
-                                const ThreadPool* pool) {
+void projectOutput(const Tensor<Scalar, 4>& heads, const Weights<Scalar>& w,
+                   const ThreadPool* pool, Scalar* y, Index L, Index r0) {
   using ConstMapMat = Eigen::Map<const Matrix<Scalar>>;
   using RowVec = Eigen::Matrix<Scalar, 1, Eigen::Dynamic>;
-  const Index B = heads.dimension(0), L = heads.dimension(1);
+  const Index B = heads.dimension(0), n = heads.dimension(1);
   const Index cols = heads.dimension(2) * heads.dimension(3), O = w.output_kernel.dimension(2);
-  Tensor<Scalar, 3> y(B, L, O);
   const ConstMapMat Wo(w.output_kernel.data(), cols, O);
   for (Index b = 0; b < B; ++b) {
-    forRowSlices(L, pool, [&](Index s0, Index len) {
-      Eigen::Map<Matrix<Scalar>> o(y.data() + (b * L + s0) * O, len, O);
-      o.noalias() = ConstMapMat(heads.data() + (b * L + s0) * cols, len, cols) * Wo;
+    forRowSlices(n, pool, [&](Index s0, Index len) {
+      Eigen::Map<Matrix<Scalar>> o(y + (b * L + r0 + s0) * O, len, O);
+      o.noalias() = ConstMapMat(heads.data() + (b * n + s0) * cols, len, cols) * Wo;
       if (w.output_bias.size()) o.rowwise() += Eigen::Map<const RowVec>(w.output_bias.data(), O);
     });
   }
-  return y;
+}
+
+/// Rows [r0, r0 + n) of t [B, L, ...] as [B, pad + n, ...], after `pad` copies of row r0.
+template <typename Scalar, int R>
+Tensor<Scalar, R> padRows(const Tensor<Scalar, R>& t, Index pad) {
+  auto dims = t.dimensions();
+  const Index B = dims[0], n = dims[1], w = n ? t.size() / (B * n) : 0;
+  dims[1] = pad + n;
+  Tensor<Scalar, R> out(dims);
+  for (Index b = 0; b < B; ++b) {
+    const Scalar* src = t.data() + b * n * w;
+    Scalar* dst = out.data() + b * (pad + n) * w;
+    for (Index p = 0; p < pad && n > 0; ++p) std::copy(src, src + w, dst + p * w);
+    std::copy(src, src + n * w, dst + pad * w);
+  }
+  return out;
 }
 
 /**

@@ -318,6 +318,35 @@ TEST(CausalCombine, IsAssociative) {
             1e-13);
 }
 
+/// A later piece that ends inside a chunk (right padding) combines: the result is the state of
+/// one stream fed both, finished as that stream is; a finished earlier piece is refused.
+TEST(CausalCombine, ALaterPieceThatEndsInsideAChunk) {
+  for (int window : {2, kattn::kUnboundedWindow}) {
+    auto c = config(0, "elu");
+    c.use_causal_windowed = true;
+    c.causal_chunk_length = 3;
+    c.causal_window_length = window;
+    c.causal_padding = "right";
+    kattn::CausalKernelAttention<double, kattn::Elu> layer(c);
+    std::mt19937 gen(8);
+    const Index T = 10;  // 6 rows, then 4 that end inside a chunk
+    const auto q = randomHeads(kB, T, kN, kD, gen, -1, 1), k = randomHeads(kB, T, kN, kD, gen, -1, 1);
+    const auto v = randomHeads(kB, T, kN, kDv, gen, -1, 1);
+    auto whole = layer.makeState(kB, kattn::StreamingMode::Exact);
+    layer.attend(q, k, v, std::nullopt, whole);
+    auto a = layer.makeState(kB, kattn::StreamingMode::Exact);
+    auto b = layer.makeState(kB, kattn::StreamingMode::Exact);
+    layer.attend(rows(q, 0, 6), rows(k, 0, 6), rows(v, 0, 6), std::nullopt, a);
+    layer.attend(rows(q, 6, 4), rows(k, 6, 4), rows(v, 6, 4), std::nullopt, b);
+    const auto ab = kattn::combine(a, b);
+    EXPECT_TRUE(ab.finished());
+    EXPECT_EQ(ab.tokens(), T);
+    EXPECT_LE(relError(ab.kv(), whole.kv()), 1e-13) << "W = " << window;
+    EXPECT_LE(relError(ab.kSum(), whole.kSum()), 1e-13) << "W = " << window;
+    EXPECT_THROW(kattn::combine(b, a), std::invalid_argument);
+  }
+}
+
 TEST(CausalCombine, BadStatesAreRefused) {
   auto c = config(0, "relu");
   c.use_causal_windowed = true;

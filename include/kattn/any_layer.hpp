@@ -122,18 +122,27 @@ class AnyLayerImpl final : public AnyLayerBase<Scalar> {
   Layer m_layer;
 };
 
+/// f(Map{}) for the built-in feature map named `name` (a feature_transform value): the one
+/// place that maps the names to types, for the layers chosen at run time.
+/// \throws std::invalid_argument for an unknown name.
+template <typename F>
+decltype(auto) visitFeatureMap(const std::string& name, F&& f) {
+  if (name == "elu") return f(Elu{});
+  if (name == "relu") return f(Relu{});
+  if (name == "square") return f(Square{});
+  if (name == "exp") return f(Exp{});
+  if (name == "expmod") return f(ExpMod{});
+  if (name == "expplus") return f(ExpPlus{});
+  if (name == "identity") return f(Identity{});
+  throw std::invalid_argument("feature_transform: unknown \"" + name + "\"; valid: " +
+                              featureTransformList());
+}
+
 template <typename Scalar, typename Masking>
 std::unique_ptr<AnyLayerBase<Scalar>> makeAnyLayer(const LayerConfig& c) {
-  const std::string& f = c.feature_transform;
-  if (f == "elu") return std::make_unique<AnyLayerImpl<Scalar, Elu, Masking>>(c);
-  if (f == "relu") return std::make_unique<AnyLayerImpl<Scalar, Relu, Masking>>(c);
-  if (f == "square") return std::make_unique<AnyLayerImpl<Scalar, Square, Masking>>(c);
-  if (f == "exp") return std::make_unique<AnyLayerImpl<Scalar, Exp, Masking>>(c);
-  if (f == "expmod") return std::make_unique<AnyLayerImpl<Scalar, ExpMod, Masking>>(c);
-  if (f == "expplus") return std::make_unique<AnyLayerImpl<Scalar, ExpPlus, Masking>>(c);
-  if (f == "identity") return std::make_unique<AnyLayerImpl<Scalar, Identity, Masking>>(c);
-  throw std::invalid_argument("feature_transform: unknown \"" + f + "\"; valid: " +
-                              featureTransformList());
+  return visitFeatureMap(c.feature_transform, [&](auto map) -> std::unique_ptr<AnyLayerBase<Scalar>> {
+    return std::make_unique<AnyLayerImpl<Scalar, decltype(map), Masking>>(c);
+  });
 }
 
 // KATTN_EXTERN_TEMPLATES (layer.hpp): the run-time layer's constructor, which instantiates

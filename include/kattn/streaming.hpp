@@ -408,13 +408,14 @@ class StreamingState {
 template <typename Scalar>
 StreamingState<Scalar> combine(const StreamingState<Scalar>& earlier,
                                const StreamingState<Scalar>& later) {
-  later.requireCompatible(earlier.batch(), earlier.heads(), earlier.features(),
-                          earlier.valueDim(), earlier.chunk(), earlier.window(), earlier.decay());
-  if (earlier.mode() != later.mode()) {
-    throw std::invalid_argument("combine: the states are in different modes");
-  }
   if (earlier.finished()) {
     throw std::invalid_argument("combine: the earlier state's stream ended inside a chunk");
+  }
+  // A finished `later` is fine: the stream of both ends where it ended.
+  earlier.requireCompatible(later.batch(), later.heads(), later.features(), later.valueDim(),
+                            later.chunk(), later.window(), later.decay());
+  if (earlier.mode() != later.mode()) {
+    throw std::invalid_argument("combine: the states are in different modes");
   }
   const bool exact = earlier.mode() == StreamingMode::Exact;
   if (!exact && earlier.decay() != 1.0) {

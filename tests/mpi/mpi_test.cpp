@@ -123,8 +123,10 @@ std::string describe(const Case& c) {
          (c.scale_by_length ? " scale_by_length" : "") + " T=" + std::to_string(c.T);
 }
 
+/// `cuts`: the slice offsets for 4 ranks (fewer ranks take the first and the last ones);
+/// absent: random.
 template <typename Sc, typename Map, typename Masking>
-void runCase(const Case& k, std::uint32_t seed, double tol) {
+void runCase(const Case& k, std::uint32_t seed, double tol, std::vector<Index> cuts = {}) {
   kattn::LayerConfig c;
   c.num_heads = 2;
   c.key_dim = 4;
@@ -158,7 +160,11 @@ void runCase(const Case& k, std::uint32_t seed, double tol) {
   const Tensor<Sc, 3> full = layer.forward(q, v, key, m);
 
   const int P = worldSize(), r = worldRank();
-  const auto qc = randomCuts(g, T, P);
+  std::vector<Index> qc = randomCuts(g, T, P);
+  if (!cuts.empty()) {
+    qc.assign(cuts.begin(), cuts.begin() + P);
+    qc.push_back(T);
+  }
   const auto kc = k.causal ? qc : randomCuts(g, S, P);
   const Index t0 = qc[std::size_t(r)], tn = qc[std::size_t(r) + 1] - t0;
   const Index s0 = kc[std::size_t(r)], sn = kc[std::size_t(r) + 1] - s0;
@@ -275,6 +281,23 @@ TEST(Blocks, SlicesLongerThanABlockOfRows) {
   c.decay = 0.999;
   c.padding = "right";
   runCase<double, kattn::Exp, kattn::CausalWindowed>(c, 44, 1e-10);
+}
+
+TEST(Blocks, TheLastChunkCutWithRightPadding) {
+  // The last rank holds only rows of the last, partial chunk: the rank before computes them,
+  // and its state (a stream that ended inside a chunk) is the last one the scan combines.
+  for (const char* padding : {"right", "left"}) {
+    Case c;
+    c.map = "elu";
+    c.causal = true;
+    c.chunk = 4;
+    c.window = 3;
+    c.padding = padding;
+    c.T = 47;
+    runCase<double, kattn::Elu, kattn::CausalWindowed>(c, 45, 1e-10, {0, 20, 30, 46, 47});
+    c.window = kattn::kUnboundedWindow;
+    runCase<double, kattn::Elu, kattn::CausalWindowed>(c, 46, 1e-10, {0, 45, 46, 46, 47});
+  }
 }
 
 // ---- faults: the same error on every rank, none left waiting --------------------------------

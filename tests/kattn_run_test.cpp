@@ -914,6 +914,71 @@ TEST_F(KattnRunBadInput, StreamingMistakes) {
   EXPECT_EQ(r.err.find('\n'), r.err.size() - 1) << r.err;
 }
 
+
+#ifdef KATTN_MPIEXEC
+/// kattn-run --mpi under mpirun with 3 ranks (KATTN_MPIEXEC: the launcher with its flags and
+/// environment): every golden case of the kernel paths, bidirectional and causal, split across
+/// the ranks (equal slices, and given ones with an empty slice and cuts inside chunks) equals
+/// the case's expected output.
+TEST(KattnRunMpi, GoldenCasesOverThreeRanks) {
+  const auto names = kattn_test::caseNames([](const nlohmann::json& c) {
+    return c.at("mode") == "call" && (c.at("path") == "causal" || c.at("path") == "noncausal");
+  });
+  ASSERT_FALSE(names.empty());
+  for (const std::string& name : names) {
+    const GoldenCase gc(name);
+    TempDir dir("kattn_run_mpi");
+    writeLayerFiles(gc, dir);
+    SafeTensorsWriter in;
+    for (const char* input : {"query", "value", "key", "attention_mask"}) {
+      if (gc.has(input)) copyTensor(gc.data, input, in);
+    }
+    in.write(dir.file("in.safetensors"));
+    const Index T = gc.tensor<double, 3>("query").dimension(1);
+    std::vector<std::vector<std::string>> runs = {{}};
+    if (T >= 2) runs.push_back({"--slices", "1,0," + std::to_string(T - 1)});
+    for (const auto& extra : runs) {
+      std::vector<std::string> args = baseArgs(dir, "float64");
+      args.push_back("--mpi");
+      args.insert(args.end(), extra.begin(), extra.end());
+      std::string cmd = KATTN_MPIEXEC;
+      for (const auto& a : args) cmd += " " + shellQuote(a);
+      cmd += " >" + shellQuote(dir.file("stdout.txt")) + " 2>" + shellQuote(dir.file("stderr.txt"));
+      const int status = std::system(cmd.c_str());
+      ASSERT_EQ(status, 0) << name << ": " << readAll(dir.file("stderr.txt"));
+      const auto got = SafeTensors::load(dir.file("out.safetensors")).tensor<double, 3>("output");
+      const auto want = gc.tensor<double, 3>("expected/output");
+      ASSERT_EQ(got.dimensions(), want.dimensions()) << name;
+      EXPECT_LE(kattn_test::relativeError(got, want), toleranceFor("float64"))
+          << name << (extra.empty() ? "" : " --slices " + extra[1]);
+    }
+  }
+}
+
+/// A failure under --mpi is one line, from rank 0 only, with the code of the single-process
+/// run; --slices that do not add up is such a failure.
+TEST(KattnRunMpi, ErrorsComeFromRankZeroOnce) {
+  const GoldenCase gc(kattn_test::caseNames([](const nlohmann::json& c) {
+                        return c.at("mode") == "call" && c.at("path") == "causal";
+                      }).front());
+  TempDir dir("kattn_run_mpi_errors");
+  writeLayerFiles(gc, dir);
+  SafeTensorsWriter in;
+  for (const char* input : {"query", "value", "key", "attention_mask"}) {
+    if (gc.has(input)) copyTensor(gc.data, input, in);
+  }
+  in.write(dir.file("in.safetensors"));
+  std::string cmd = KATTN_MPIEXEC;
+  for (const auto& a : baseArgs(dir, "float64")) cmd += " " + shellQuote(a);
+  cmd += " --mpi --slices 1,2 2>" + shellQuote(dir.file("stderr.txt"));
+  const int status = std::system(cmd.c_str());
+  EXPECT_NE(status, 0);
+  const std::string err = readAll(dir.file("stderr.txt"));
+  EXPECT_NE(err.find("--slices: 2 lengths summing to 3"), std::string::npos) << err;
+  EXPECT_EQ(err.find("kattn-run:"), err.rfind("kattn-run:")) << "more than one report: " << err;
+}
+#endif
+
 }  // namespace
 
 #else  // KATTN_RUN_PATH

@@ -33,6 +33,7 @@ constexpr const char* kUsage =
     R"(usage: kattn-run --config FILE --weights FILE --inputs FILE --output FILE
                  [--stream] [--state-in FILE] [--state-out FILE]
                  [--weights-naming keras|torch|FILE] [--dtype float32|float64] [--threads N]
+                 [--mpi [--slices A,B,...]]
 
 Runs one kernel attention layer (the TF Model Garden KernelAttention) over safetensors files.
 
@@ -56,6 +57,10 @@ Runs one kernel attention layer (the TF Model Garden KernelAttention) over safet
   --dtype TYPE      compute and write in float32 (default) or float64
   --threads N       threads to use, 1 to 1024 (default: one per core); results do not
                     depend on it
+  --mpi             started under mpirun: split the sequence across the ranks (each reads
+                    the files and takes its slice), rank 0 writes the whole output; with
+                    --state-out (causal layers) the state after the sequence and its cache
+  --slices A,B,...  with --mpi: each rank's number of query positions (default: equal)
   -h, --help        print this help and exit
 
 Exit status: 0 on success; 1 for an invalid or unreadable input, or an unwritable output;
@@ -78,6 +83,8 @@ struct Options {
   std::string weights_naming = "keras";  // keras, torch, or a JSON name map's path
   std::optional<std::string> state_in, state_out;
   bool stream = false;
+  bool mpi = false;
+  std::optional<std::string> slices;
   DType dtype = DType::Float32;
   std::optional<int> threads;  // absent: the layer's default pool, one thread per core
   bool help = false;
@@ -106,7 +113,8 @@ Options parseArgs(int argc, char** argv) {
   }
   const std::set<std::string> valued = {"--config",   "--weights",   "--inputs",
                                         "--output",   "--state-in",  "--state-out",
-                                        "--dtype",    "--threads",   "--weights-naming"};
+                                        "--dtype",    "--threads",   "--weights-naming",
+                                        "--slices"};
   std::set<std::string> seen;
   for (std::size_t i = 0; i < args.size(); ++i) {
     const std::string& arg = args[i];
@@ -115,13 +123,13 @@ Options parseArgs(int argc, char** argv) {
     }
     const std::size_t eq = arg.find('=');
     const std::string name = arg.substr(0, eq);
-    if (name != "--stream" && !valued.count(name)) {
+    if (name != "--stream" && name != "--mpi" && !valued.count(name)) {
       throw UsageError("unknown option " + singleQuoted(name) + " (see kattn-run --help)");
     }
     if (!seen.insert(name).second) throw UsageError(name + " given twice");
-    if (name == "--stream") {
-      if (eq != std::string::npos) throw UsageError("--stream takes no value");
-      o.stream = true;
+    if (name == "--stream" || name == "--mpi") {
+      if (eq != std::string::npos) throw UsageError(name + " takes no value");
+      (name == "--mpi" ? o.mpi : o.stream) = true;
       continue;
     }
     std::string value;
@@ -141,6 +149,7 @@ Options parseArgs(int argc, char** argv) {
     if (name == "--output") o.output = value;
     if (name == "--state-in") o.state_in = value;
     if (name == "--state-out") o.state_out = value;
+    if (name == "--slices") o.slices = value;
     if (name == "--dtype") {
       if (value == "float32") {
         o.dtype = DType::Float32;
@@ -169,7 +178,16 @@ Options parseArgs(int argc, char** argv) {
     if (field->empty()) missing += (missing.empty() ? "" : ", ") + std::string(name);
   }
   if (!missing.empty()) throw UsageError("missing " + missing + " (see kattn-run --help)");
-  if (!o.stream && (o.state_in || o.state_out)) {
+  if (o.slices && !o.mpi) throw UsageError("--slices needs --mpi");
+  if (o.mpi && (o.stream || o.state_in)) {
+    throw UsageError(std::string(o.stream ? "--stream" : "--state-in") +
+                     ": not with --mpi (it runs the whole-sequence pass; --state-out gives the "
+                     "state after it)");
+  }
+#ifndef KATTN_RUN_MPI
+  if (o.mpi) throw UsageError("--mpi: this kattn-run was built without MPI");
+#endif
+  if (!o.stream && !o.mpi && (o.state_in || o.state_out)) {
     throw UsageError(std::string(o.state_in ? "--state-in" : "--state-out") +
                      " needs --stream (a state belongs to a streaming call)");
   }
@@ -343,14 +361,11 @@ kattn::StreamingState<Scalar> startState(const Options& opt, const kattn::io::Sa
   return std::move(*state);
 }
 
+/// The layer of --config with the weights (and projection) of --weights.
 template <typename Scalar>
-void run(const Options& opt, const kattn::LayerConfig& config) {
-  using kattn::ConstTensorMap;
-  using kattn::Index;
-  using kattn::Tensor;
+kattn::AnyKernelAttention<Scalar> loadLayer(const Options& opt, const kattn::LayerConfig& config) {
   kattn::AnyKernelAttention<Scalar> layer(config);  // draws the projection from the seed
   if (opt.threads) layer.setThreads(*opt.threads);
-
   const kattn::io::WeightNaming naming = loadNaming(opt.weights_naming);
   const auto weights = kattn::io::SafeTensors::load(opt.weights);
   // Reading first: under the wrong naming, "missing tensor 'to_q.weight'" says more than
@@ -363,32 +378,54 @@ void run(const Options& opt, const kattn::LayerConfig& config) {
   } catch (const std::invalid_argument& e) {
     throw std::runtime_error(weights.sourceName() + ": " + e.what());
   }
+  return layer;
+}
 
-  const auto inputs = kattn::io::SafeTensors::load(opt.inputs);
-  checkInputNames(inputs, opt.stream);
-  const Tensor<Scalar, 3> query = inputs.tensor<Scalar, 3>("query");
-  const Tensor<Scalar, 3> value = inputs.tensor<Scalar, 3>("value");
-  std::optional<Tensor<Scalar, 3>> key;
-  std::optional<Tensor<Scalar, 2>> mask;
-  std::optional<ConstTensorMap<Scalar, 3>> key_view;
-  std::optional<ConstTensorMap<Scalar, 2>> mask_view;
-  if (inputs.contains("key")) key_view.emplace(key.emplace(inputs.tensor<Scalar, 3>("key")));
-  if (inputs.contains("attention_mask")) {
-    mask_view.emplace(mask.emplace(inputs.tensor<Scalar, 2>("attention_mask")));
+/// The tensors of --inputs.
+template <typename Scalar>
+struct Inputs {
+  kattn::io::SafeTensors file;
+  kattn::Tensor<Scalar, 3> query, value;
+  std::optional<kattn::Tensor<Scalar, 3>> key;
+  std::optional<kattn::Tensor<Scalar, 2>> mask;
+};
+
+template <typename Scalar>
+Inputs<Scalar> loadInputs(const Options& opt, const kattn::LayerConfig& config, kattn::Index O) {
+  using kattn::Index;
+  Inputs<Scalar> in{kattn::io::SafeTensors::load(opt.inputs), {}, {}, {}, {}};
+  checkInputNames(in.file, opt.stream);
+  in.query = in.file.template tensor<Scalar, 3>("query");
+  in.value = in.file.template tensor<Scalar, 3>("value");
+  if (in.file.contains("key")) in.key = in.file.template tensor<Scalar, 3>("key");
+  if (in.file.contains("attention_mask")) {
+    in.mask = in.file.template tensor<Scalar, 2>("attention_mask");
   }
   const Index per_head = config.key_dim + config.featureDim() + config.resolvedValueDim();
-  checkWorkingSize(query.dimension(0), query.dimension(1), value.dimension(1),
-                   query.dimension(2) + value.dimension(2) + layer.outputDim() +
+  checkWorkingSize(in.query.dimension(0), in.query.dimension(1), in.value.dimension(1),
+                   in.query.dimension(2) + in.value.dimension(2) + O +
                        Index(config.num_heads) * per_head,
                    sizeof(Scalar));
+  return in;
+}
+
+template <typename Scalar>
+void run(const Options& opt, const kattn::LayerConfig& config) {
+  using kattn::ConstTensorMap;
+  const kattn::AnyKernelAttention<Scalar> layer = loadLayer<Scalar>(opt, config);
+  const Inputs<Scalar> in = loadInputs<Scalar>(opt, config, layer.outputDim());
+  std::optional<ConstTensorMap<Scalar, 3>> key_view;
+  std::optional<ConstTensorMap<Scalar, 2>> mask_view;
+  if (in.key) key_view.emplace(*in.key);
+  if (in.mask) mask_view.emplace(*in.mask);
 
   kattn::io::SafeTensorsWriter out;
   std::string state_bytes;
   if (!opt.stream) {
-    out.add("output", layer.forward(query, value, key_view, mask_view, /*training=*/false));
+    out.add("output", layer.forward(in.query, in.value, key_view, mask_view, /*training=*/false));
   } else {
-    auto state = startState(opt, inputs, layer, query.dimension(0));
-    out.add("output", layer.forward(query, value, key_view, mask_view, state));
+    auto state = startState(opt, in.file, layer, in.query.dimension(0));
+    out.add("output", layer.forward(in.query, in.value, key_view, mask_view, state));
     out.add("cache/kv", state.kv());
     out.add("cache/k_sum", state.kSum());
     if (opt.state_out) state_bytes = state.toBytes();
@@ -397,34 +434,73 @@ void run(const Options& opt, const kattn::LayerConfig& config) {
   if (opt.state_out) writeFile(*opt.state_out, state_bytes, "state");
 }
 
+}  // namespace
+
+#ifdef KATTN_RUN_MPI
+#include "kattn-run-mpi.hpp"
+#endif
+
+namespace {
+
 int fail(const std::string& what, int code) {
   std::cerr << "kattn-run: " << printable(what, 2000) << std::endl;
   return code;
 }
 
+/// The run, under MPI when asked: MPI_Init first, MPI_Finalize however it ends. Only rank 0
+/// prints an error: the ranks agree on every failure and would print the same line each.
+template <typename Body>
+int withMpi(bool mpi, int argc, char** argv, Body&& body) {
+#ifdef KATTN_RUN_MPI
+  if (mpi) {
+    MPI_Init(&argc, &argv);
+    int rank = 0;
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    const int code = body(rank == 0);
+    MPI_Finalize();
+    return code;
+  }
+#else
+  (void)mpi;
+  (void)argc;
+  (void)argv;
+#endif
+  return body(true);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
+  std::optional<Options> parsed;
   try {
-    const Options opt = parseArgs(argc, argv);
-    if (opt.help) {
-      std::cout << kUsage;
-      return 0;
-    }
-    const kattn::LayerConfig config = loadConfig(opt.config);
-    if (opt.dtype == DType::Float64) {
-      run<double>(opt, config);
-    } else {
-      run<float>(opt, config);
-    }
-    return 0;
+    parsed = parseArgs(argc, argv);
   } catch (const UsageError& e) {
     return fail(e.what(), 2);
-  } catch (const std::bad_alloc&) {
-    return fail("out of memory", 1);
-  } catch (const std::exception& e) {
-    return fail(e.what(), 1);
-  } catch (...) {
-    return fail("unexpected error", 1);
   }
+  const Options& opt = *parsed;
+  if (opt.help) {
+    std::cout << kUsage;
+    return 0;
+  }
+  return withMpi(opt.mpi, argc, argv, [&](bool speaks) {
+    auto report = [&](const std::string& what, int code) { return speaks ? fail(what, code) : code; };
+    try {
+      const kattn::LayerConfig config = loadConfig(opt.config);
+      const bool f64 = opt.dtype == DType::Float64;
+#ifdef KATTN_RUN_MPI
+      if (opt.mpi) {
+        f64 ? runMpi<double>(opt, config) : runMpi<float>(opt, config);
+        return 0;
+      }
+#endif
+      f64 ? run<double>(opt, config) : run<float>(opt, config);
+      return 0;
+    } catch (const std::bad_alloc&) {
+      return report("out of memory", 1);
+    } catch (const std::exception& e) {
+      return report(e.what(), 1);
+    } catch (...) {
+      return report("unexpected error", 1);
+    }
+  });
 }

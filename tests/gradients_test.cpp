@@ -1,0 +1,373 @@
+// Gradients of the bidirectional layer in inference mode (gradients.hpp): the analytic
+// gradients against central finite differences of the layer's own forward in float64, for
+// every map, with and without projection, key mask and separate key, in both forms of the
+// kernel path, the short-sequence softmax, begin_kernel and scale_by_length; low-rank against
+// explicit; float against double; the core-level attendBackward against finite differences of
+// attend(); named(); and the error paths. Errors are the project's measure: the largest
+// absolute error over the largest absolute reference entry, per tensor.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <limits>
+#include <optional>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <kattn/gradients.hpp>
+#include <kattn/kattn.hpp>
+
+namespace {
+
+using kattn::Index;
+template <typename S, int R>
+using Tensor = kattn::Tensor<S, R>;
+template <typename S, int R>
+using CMap = kattn::ConstTensorMap<S, R>;
+
+constexpr Index kB = 2, kT = 5, kS = 5, kN = 2, kd = 3, kdv = 2, kDq = 4, kDv = 3, kDk = 4,
+                kO = 3;
+constexpr double kFdTol = 1e-6;
+
+/// Every built-in map, as a type, for a generic lambda.
+template <typename Map>
+struct Tag {
+  using type = Map;
+};
+template <typename Fn>
+void forEachMap(const Fn& fn) {
+  fn(Tag<kattn::Elu>{});
+  fn(Tag<kattn::Relu>{});
+  fn(Tag<kattn::Square>{});
+  fn(Tag<kattn::Identity>{});
+  fn(Tag<kattn::Exp>{});
+  fn(Tag<kattn::ExpMod>{});
+  fn(Tag<kattn::ExpPlus>{});
+}
+
+/**
+ * expplus with its coefficients A, B, D frozen: the function whose derivative backward
+ * computes (the reference holds them constant by stop_gradient), for finite differences of
+ * the layer's own forward. Recording, it computes them as expplus and keeps them in call
+ * order; replaying, it returns them again in that order (the layer asks for them serially,
+ * queries then keys per batch row and head, the same number of times per forward).
+ */
+struct FrozenExpPlus : kattn::ExpPlus {
+  static constexpr const char* name = "frozen_expplus";
+  struct Table {
+    bool replay = false;
+    std::vector<Coefficients<double>> coefficients;
+    std::size_t next = 0;
+  };
+  static Table& table() {
+    static Table t;
+    return t;
+  }
+  static Coefficients<double> coefficients(const SideStatistics<double>& x,
+                                           const SideStatistics<double>& y, Index d) {
+    Table& t = table();
+    if (!t.replay) {
+      t.coefficients.push_back(kattn::ExpPlus::coefficients(x, y, d));
+      return t.coefficients.back();
+    }
+    return t.coefficients[t.next++ % t.coefficients.size()];
+  }
+};
+
+}  // namespace
+
+template <>
+struct kattn::feature_map_traits<FrozenExpPlus> : kattn::feature_map_traits<kattn::ExpPlus> {};
+
+namespace {
+
+/// The map whose forward finite differences see: Map itself, expplus with frozen coefficients.
+template <typename Map>
+struct LossMap {
+  using type = Map;
+};
+template <>
+struct LossMap<kattn::ExpPlus> {
+  using type = FrozenExpPlus;
+};
+
+/// max |x - ref| / max |ref| over two arrays of n entries (0 when both are zero).
+template <typename A, typename B>
+double relError(const A* x, const B* ref, Index n) {
+  double err = 0, scale = 0;
+  for (Index i = 0; i < n; ++i) {
+    err = std::max(err, std::abs(double(x[i]) - double(ref[i])));
+    scale = std::max(scale, std::abs(double(ref[i])));
+  }
+  return scale > 0 ? err / scale : err;
+}
+
+template <int R>
+Tensor<double, R> randomTensor(std::mt19937_64& gen, double sd, const std::array<Index, R>& dims,
+                               double offset = 0) {
+  Tensor<double, R> t(dims);
+  std::normal_distribution<double> nd(0.0, sd);
+  for (Index i = 0; i < t.size(); ++i) t.data()[i] = offset + nd(gen);
+  return t;
+}
+
+/// The inputs of one backward, and the upstream gradient.
+struct Problem {
+  Tensor<double, 3> query, value, grad;
+  std::optional<Tensor<double, 3>> key;
+  std::optional<Tensor<double, 2>> mask;
+};
+
+struct Shape {
+  Index B = kB, T = kT, S = kS;
+  bool separate_key = true, masked = false;
+};
+
+Problem makeProblem(std::mt19937_64& gen, const Shape& s) {
+  Problem p;
+  p.query = randomTensor<3>(gen, 1.0, {s.B, s.T, kDq});
+  p.value = randomTensor<3>(gen, 1.0, {s.B, s.S, kDv});
+  if (s.separate_key) p.key = randomTensor<3>(gen, 1.0, {s.B, s.S, kDk});
+  p.grad = randomTensor<3>(gen, 1.0, {s.B, s.T, kO});
+  if (s.masked) {
+    // Zeros, ones and a fractional weight (the forward multiplies the key features by it);
+    // every row sums to at least 1 (scale_by_length).
+    Tensor<double, 2> m(s.B, s.S);
+    for (Index b = 0; b < s.B; ++b)
+      for (Index j = 0; j < s.S; ++j) m(b, j) = (j + b) % 3 == 1 ? 0.0 : (j == 0 ? 0.5 : 1.0);
+    p.mask = m;
+  }
+  return p;
+}
+
+kattn::LayerConfig baseConfig(const char* map, int m) {
+  kattn::LayerConfig c;
+  c.feature_transform = map;
+  c.num_heads = int(kN);
+  c.key_dim = int(kd);
+  c.value_dim = int(kdv);
+  c.output_shape = int(kO);
+  c.num_random_features = m;
+  c.seed = 7;
+  return c;
+}
+
+/// Random weights for `c` (inputs of widths kDq, kDv, and kDk or kDv). The identity map,
+/// whose features have any sign, gets a bias offset shared by queries and keys (and m >= d),
+/// so that its normaliser stays away from zero.
+kattn::Weights<double> makeWeights(std::mt19937_64& gen, const kattn::LayerConfig& c,
+                                   bool separate_key, bool identity) {
+  const Index N = c.num_heads, d = c.key_dim, dv = c.resolvedValueDim(), O = *c.output_shape;
+  const Index Dk = separate_key ? kDk : kDv;
+  kattn::Weights<double> w;
+  w.query_kernel = randomTensor<3>(gen, 0.5, {kDq, N, d});
+  w.key_kernel = randomTensor<3>(gen, 0.5, {Dk, N, d});
+  w.value_kernel = randomTensor<3>(gen, 0.5, {kDv, N, dv});
+  w.output_kernel = randomTensor<3>(gen, 0.5, {N, dv, O});
+  if (c.use_bias) {
+    w.query_bias = randomTensor<2>(gen, 0.3, {N, d}, identity ? 2.0 : 0.0);
+    w.key_bias = identity ? w.query_bias : randomTensor<2>(gen, 0.3, {N, d});
+    w.value_bias = randomTensor<2>(gen, 0.3, {N, dv});
+    w.output_bias = randomTensor<1>(gen, 0.3, {O});
+  }
+  if (c.begin_kernel > 0) {
+    w.output_softmax_kernel = randomTensor<3>(gen, 0.5, {N, dv, O});
+    if (c.use_bias) w.output_softmax_bias = randomTensor<1>(gen, 0.3, {O});
+  }
+  return w;
+}
+
+/// The entries of the weight `name` (a Keras name of named()).
+template <typename Scalar>
+Scalar* weightData(kattn::Weights<Scalar>& w, const std::string& name) {
+  if (name == "query/kernel") return w.query_kernel.data();
+  if (name == "query/bias") return w.query_bias.data();
+  if (name == "key/kernel") return w.key_kernel.data();
+  if (name == "key/bias") return w.key_bias.data();
+  if (name == "value/kernel") return w.value_kernel.data();
+  if (name == "value/bias") return w.value_bias.data();
+  if (name == "attention_output/kernel") return w.output_kernel.data();
+  if (name == "attention_output/bias") return w.output_bias.data();
+  if (name == "attention_output_softmax/kernel") return w.output_softmax_kernel.data();
+  if (name == "attention_output_softmax/bias") return w.output_softmax_bias.data();
+  ADD_FAILURE() << "no weight " << name;
+  return nullptr;
+}
+
+template <typename Layer, typename Scalar>
+Tensor<Scalar, 3> forwardOf(const Layer& layer, const Tensor<Scalar, 3>& query,
+                            const Tensor<Scalar, 3>& value,
+                            const std::optional<Tensor<Scalar, 3>>& key,
+                            const std::optional<Tensor<Scalar, 2>>& mask) {
+  std::optional<CMap<Scalar, 3>> k;
+  std::optional<CMap<Scalar, 2>> m;
+  if (key) k.emplace(key->data(), key->dimensions());
+  if (mask) m.emplace(mask->data(), mask->dimensions());
+  return layer.forward(query, value, k, m);
+}
+
+template <typename Layer, typename Scalar>
+kattn::Gradients<Scalar> backwardOf(const Layer& layer, const Tensor<Scalar, 3>& query,
+                                    const Tensor<Scalar, 3>& value,
+                                    const std::optional<Tensor<Scalar, 3>>& key,
+                                    const std::optional<Tensor<Scalar, 2>>& mask,
+                                    const Tensor<Scalar, 3>& grad) {
+  std::optional<CMap<Scalar, 3>> k;
+  std::optional<CMap<Scalar, 2>> m;
+  if (key) k.emplace(key->data(), key->dimensions());
+  if (mask) m.emplace(mask->data(), mask->dimensions());
+  return kattn::backward(layer, query, value, k, m, grad);
+}
+
+/// sum(grad * forward): its gradient is what backward computes for upstream gradient `grad`.
+template <typename Layer>
+double lossOf(const Layer& layer, const Problem& p) {
+  const Tensor<double, 3> y = forwardOf(layer, p.query, p.value, p.key, p.mask);
+  double l = 0;
+  for (Index i = 0; i < y.size(); ++i) l += y.data()[i] * p.grad.data()[i];
+  return l;
+}
+
+/// Central differences of f over every entry of x [n] (x restored after each).
+std::vector<double> centralDifferences(double* x, Index n, const std::function<double()>& f) {
+  const double h = 1e-5;
+  std::vector<double> out(static_cast<std::size_t>(n));
+  for (Index i = 0; i < n; ++i) {
+    const double x0 = x[i];
+    x[i] = x0 + h;
+    const double up = f();
+    x[i] = x0 - h;
+    const double down = f();
+    x[i] = x0;
+    out[std::size_t(i)] = (up - down) / (2 * h);
+  }
+  return out;
+}
+
+/// The smallest |logit| of the layer's query and key features (relu's kink is at 0).
+template <typename Layer>
+double smallestLogit(const Layer& layer, const Problem& p) {
+  const auto& w = layer.weights();
+  const kattn::LayerConfig& c = layer.config();
+  const double r = std::sqrt(c.resolvedScale());
+  double smallest = std::numeric_limits<double>::infinity();
+  auto side = [&](const Tensor<double, 3>& x, const Tensor<double, 3>& kernel,
+                  const Tensor<double, 2>& bias) {
+    for (Index b = 0; b < x.dimension(0); ++b)
+      for (Index t = 0; t < x.dimension(1); ++t)
+        for (Index n = 0; n < kernel.dimension(1); ++n) {
+          Eigen::VectorXd h(kernel.dimension(2));
+          for (Index j = 0; j < h.size(); ++j) {
+            double s = bias.size() ? bias(n, j) : 0.0;
+            for (Index i = 0; i < x.dimension(2); ++i) s += x(b, t, i) * kernel(i, n, j);
+            h(j) = r * s;
+          }
+          const Eigen::VectorXd z = c.hasProjection() ? Eigen::VectorXd(layer.projection() * h) : h;
+          smallest = std::min(smallest, z.cwiseAbs().minCoeff());
+        }
+  };
+  side(p.query, w.query_kernel, w.query_bias);
+  side(p.key ? *p.key : p.value, w.key_kernel, w.key_bias);
+  return smallest;
+}
+
+/// One finite-difference check of the whole layer: every entry of every input and weight.
+struct FdCase {
+  kattn::LayerConfig config;
+  Shape shape;
+  kattn::CoreForm form = kattn::CoreForm::Auto;
+};
+
+template <typename Map>
+void checkLayerGradients(const FdCase& fc, std::uint64_t seed) {
+  using Layer = kattn::KernelAttention<double, Map>;
+  using Frozen = kattn::KernelAttention<double, typename LossMap<Map>::type>;
+  const bool identity = std::string(Map::name) == "identity" ||
+                        (std::string(Map::name) == "expplus" && !fc.config.hasProjection());
+  Layer layer(fc.config);
+  Frozen frozen(fc.config);
+  layer.setCoreForm(fc.form);
+  frozen.setCoreForm(fc.form);
+  std::mt19937_64 gen(seed);
+  Problem p;
+  kattn::Weights<double> w;
+  // Draw until every relu logit is clear of the kink by far more than the step.
+  for (int attempt = 0;; ++attempt) {
+    ASSERT_LT(attempt, 50) << "no problem clear of the relu kink";
+    p = makeProblem(gen, fc.shape);
+    w = makeWeights(gen, fc.config, fc.shape.separate_key, identity);
+    layer.setWeights(w);
+    if (smallestLogit(layer, p) > 1e-3) break;
+  }
+  frozen.setWeights(w);
+  FrozenExpPlus::table() = {};
+  (void)lossOf(frozen, p);  // records expplus's coefficients at this point
+  FrozenExpPlus::table().replay = true;
+  const kattn::Gradients<double> g =
+      backwardOf(layer, p.query, p.value, p.key, p.mask, p.grad);
+  auto loss = [&] { return lossOf(frozen, p); };
+  auto check = [&](const std::string& what, double* x, const double* analytic, Index n) {
+    SCOPED_TRACE(what);
+    ASSERT_TRUE(analytic != nullptr);
+    const std::vector<double> fd = centralDifferences(x, n, loss);
+    const double err = relError(analytic, fd.data(), n);
+    EXPECT_LE(err, kFdTol) << what;
+    double scale = 0;
+    for (double v : fd) scale = std::max(scale, std::abs(v));
+    EXPECT_GT(scale, 0.0) << what << ": a gradient that is zero everywhere checks nothing";
+  };
+  check("query", p.query.data(), g.query.data(), p.query.size());
+  check("value", p.value.data(), g.value.data(), p.value.size());
+  if (p.key) {
+    check("key", p.key->data(), g.key.data(), p.key->size());
+  } else {
+    EXPECT_EQ(g.key.size(), 0);
+  }
+  for (const kattn::NamedTensor<double>& t : g.named()) {
+    kattn::Weights<double> perturbed = w;
+    double* x = weightData(perturbed, t.name);
+    const Index n = t.values.size();
+    SCOPED_TRACE(t.name);
+    const std::vector<double> fd = centralDifferences(x, n, [&] {
+      frozen.setWeights(perturbed);
+      return loss();
+    });
+    frozen.setWeights(w);
+    EXPECT_LE(relError(t.values.data(), fd.data(), n), kFdTol) << t.name;
+  }
+  FrozenExpPlus::table() = {};
+}
+
+std::string label(const char* map, const FdCase& c) {
+  return std::string(map) + " m=" + std::to_string(c.config.num_random_features) +
+         (c.shape.masked ? " masked" : "") + (c.shape.separate_key ? " key" : " no-key") +
+         (c.form == kattn::CoreForm::LowRank ? " low-rank" : " explicit") +
+         (c.config.is_short_seq ? " short" : "") +
+         (c.config.begin_kernel ? " begin_kernel=" + std::to_string(c.config.begin_kernel) : "") +
+         (c.config.scale_by_length ? " scale_by_length" : "");
+}
+
+// ---- the kernel path ------------------------------------------------------------------------
+
+TEST(Gradients, KernelPathMatchesFiniteDifferencesForEveryMap) {
+  forEachMap([](auto tag) {
+    using Map = typename decltype(tag)::type;
+    std::uint64_t seed = 100;
+    for (int m : {0, 4})
+      for (bool masked : {false, true})
+        for (bool separate_key : {true, false})
+          for (kattn::CoreForm form : {kattn::CoreForm::LowRank, kattn::CoreForm::Explicit}) {
+            FdCase c{baseConfig(Map::name, m), Shape{}, form};
+            c.shape.masked = masked;
+            c.shape.separate_key = separate_key;
+            SCOPED_TRACE(label(Map::name, c));
+            checkLayerGradients<Map>(c, ++seed);
+          }
+  });
+}
+
+}  // namespace

@@ -16,6 +16,7 @@
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <kattn/gradients.hpp>
@@ -94,6 +95,28 @@ template <>
 struct LossMap<kattn::ExpPlus> {
   using type = FrozenExpPlus;
 };
+
+/// Below this largest |entry| a finite-difference gradient is rounding noise: the function is
+/// flat in that tensor (the short path's softmax ignores a shift shared by all keys, so with
+/// the identity map and no mask the key bias has gradient 0).
+constexpr double kFlat = 1e-8;
+
+/// The finite-difference check of one tensor: relative error at most kFdTol, or, where the
+/// function is flat, an analytic gradient as flat.
+void expectMatches(const std::string& what, const double* analytic, const std::vector<double>& fd) {
+  double scale = 0, got = 0;
+  for (std::size_t i = 0; i < fd.size(); ++i) {
+    scale = std::max(scale, std::abs(fd[i]));
+    got = std::max(got, std::abs(analytic[i]));
+  }
+  if (scale < kFlat) {
+    EXPECT_LT(got, kFlat) << what << ": flat, by finite differences";
+    return;
+  }
+  double err = 0;
+  for (std::size_t i = 0; i < fd.size(); ++i) err = std::max(err, std::abs(analytic[i] - fd[i]));
+  EXPECT_LE(err / scale, kFdTol) << what;
+}
 
 /// max |x - ref| / max |ref| over two arrays of n entries (0 when both are zero).
 template <typename A, typename B>
@@ -314,11 +337,10 @@ void checkLayerGradients(const FdCase& fc, std::uint64_t seed) {
     SCOPED_TRACE(what);
     ASSERT_TRUE(analytic != nullptr);
     const std::vector<double> fd = centralDifferences(x, n, loss);
-    const double err = relError(analytic, fd.data(), n);
-    EXPECT_LE(err, kFdTol) << what;
     double scale = 0;
     for (double v : fd) scale = std::max(scale, std::abs(v));
-    EXPECT_GT(scale, 0.0) << what << ": a gradient that is zero everywhere checks nothing";
+    EXPECT_GT(scale, kFlat) << what << ": a gradient that is zero everywhere checks nothing";
+    expectMatches(what, analytic, fd);
   };
   check("query", p.query.data(), g.query.data(), p.query.size());
   check("value", p.value.data(), g.value.data(), p.value.size());
@@ -337,7 +359,7 @@ void checkLayerGradients(const FdCase& fc, std::uint64_t seed) {
       return loss();
     });
     frozen.setWeights(w);
-    EXPECT_LE(relError(t.values.data(), fd.data(), n), kFdTol) << t.name;
+    expectMatches(t.name, t.values.data(), fd);
   }
   FrozenExpPlus::table() = {};
 }
@@ -367,6 +389,283 @@ TEST(Gradients, KernelPathMatchesFiniteDifferencesForEveryMap) {
             SCOPED_TRACE(label(Map::name, c));
             checkLayerGradients<Map>(c, ++seed);
           }
+  });
+}
+
+
+// ---- the short-sequence softmax, begin_kernel, scale_by_length -------------------------------
+
+TEST(Gradients, ShortPathBeginKernelAndScaleByLengthMatchFiniteDifferences) {
+  forEachMap([](auto tag) {
+    using Map = typename decltype(tag)::type;
+    std::uint64_t seed = 500;
+    for (int m : {0, 4})
+      for (int variant = 0; variant < 4; ++variant) {
+        FdCase c{baseConfig(Map::name, m), Shape{}, kattn::CoreForm::Auto};
+        c.shape.masked = variant != 1;
+        c.shape.separate_key = variant % 2 == 0;
+        if (variant == 0 || variant == 1) c.config.is_short_seq = true;
+        if (variant == 2) c.config.begin_kernel = 2;
+        if (variant == 3) {
+          c.config.scale_by_length = true;
+          c.form = kattn::CoreForm::LowRank;
+        }
+        SCOPED_TRACE(label(Map::name, c));
+        checkLayerGradients<Map>(c, ++seed);
+      }
+  });
+}
+
+// ---- low-rank against explicit ----------------------------------------------------------------
+
+/// max over every input and weight gradient of the error of `a` against `b`.
+double gradientError(const kattn::Gradients<double>& a, const kattn::Gradients<double>& b) {
+  double err = std::max(relError(a.query.data(), b.query.data(), a.query.size()),
+                        relError(a.value.data(), b.value.data(), a.value.size()));
+  if (b.key.size()) err = std::max(err, relError(a.key.data(), b.key.data(), a.key.size()));
+  const auto na = a.named(), nb = b.named();
+  EXPECT_EQ(na.size(), nb.size());
+  for (std::size_t i = 0; i < std::min(na.size(), nb.size()); ++i) {
+    err = std::max(err, relError(na[i].values.data(), nb[i].values.data(), na[i].values.size()));
+  }
+  return err;
+}
+
+TEST(Gradients, LowRankEqualsExplicitOverSeveralBlocks) {
+  // T and S past the low-rank form's blocks of 256 rows (two blocks each), with a mask.
+  forEachMap([](auto tag) {
+    using Map = typename decltype(tag)::type;
+    for (int m : {0, 4}) {
+      SCOPED_TRACE(std::string(Map::name) + " m=" + std::to_string(m));
+      const kattn::LayerConfig c = baseConfig(Map::name, m);
+      kattn::KernelAttention<double, Map> layer(c);
+      std::mt19937_64 gen(900 + std::uint64_t(m));
+      Shape shape{2, 270, 300, true, true};
+      const Problem p = makeProblem(gen, shape);
+      const bool identity = std::string(Map::name) == "identity" ||
+                            (std::string(Map::name) == "expplus" && m == 0);
+      layer.setWeights(makeWeights(gen, c, true, identity));
+      layer.setCoreForm(kattn::CoreForm::LowRank);
+      const auto low = backwardOf(layer, p.query, p.value, p.key, p.mask, p.grad);
+      layer.setCoreForm(kattn::CoreForm::Explicit);
+      const auto expl = backwardOf(layer, p.query, p.value, p.key, p.mask, p.grad);
+      EXPECT_LE(gradientError(low, expl), 1e-10);
+    }
+  });
+}
+
+// ---- float against double ----------------------------------------------------------------------
+
+template <int R>
+Tensor<float, R> toFloat(const Tensor<double, R>& t) {
+  return t.template cast<float>();
+}
+
+kattn::Weights<float> toFloat(const kattn::Weights<double>& w) {
+  kattn::Weights<float> f;
+  f.query_kernel = toFloat(w.query_kernel);
+  f.query_bias = toFloat(w.query_bias);
+  f.key_kernel = toFloat(w.key_kernel);
+  f.key_bias = toFloat(w.key_bias);
+  f.value_kernel = toFloat(w.value_kernel);
+  f.value_bias = toFloat(w.value_bias);
+  f.output_kernel = toFloat(w.output_kernel);
+  f.output_bias = toFloat(w.output_bias);
+  f.output_softmax_kernel = toFloat(w.output_softmax_kernel);
+  f.output_softmax_bias = toFloat(w.output_softmax_bias);
+  return f;
+}
+
+TEST(Gradients, FloatIsWithin1e4OfDouble) {
+  forEachMap([](auto tag) {
+    using Map = typename decltype(tag)::type;
+    for (int m : {0, 4})
+      for (bool short_seq : {false, true}) {
+        SCOPED_TRACE(std::string(Map::name) + " m=" + std::to_string(m) +
+                     (short_seq ? " short" : ""));
+        kattn::LayerConfig c = baseConfig(Map::name, m);
+        c.is_short_seq = short_seq;
+        kattn::KernelAttention<double, Map> d64(c);
+        kattn::KernelAttention<float, Map> f32(c);
+        if (m > 0) f32.setProjection(d64.projection().template cast<float>());
+        std::mt19937_64 gen(1300 + std::uint64_t(m) + (short_seq ? 7 : 0));
+        const Problem p = makeProblem(gen, Shape{2, 20, 30, true, true});
+        const bool identity = std::string(Map::name) == "identity" ||
+                              (std::string(Map::name) == "expplus" && m == 0);
+        const kattn::Weights<double> w = makeWeights(gen, c, true, identity);
+        d64.setWeights(w);
+        f32.setWeights(toFloat(w));
+        const auto want = backwardOf(d64, p.query, p.value, p.key, p.mask, p.grad);
+        std::optional<Tensor<float, 3>> key = toFloat(*p.key);
+        std::optional<Tensor<float, 2>> mask = toFloat(*p.mask);
+        const auto got =
+            backwardOf(f32, toFloat(p.query), toFloat(p.value), key, mask, toFloat(p.grad));
+        EXPECT_LE(relError(got.query.data(), want.query.data(), want.query.size()), 1e-4);
+        EXPECT_LE(relError(got.value.data(), want.value.data(), want.value.size()), 1e-4);
+        EXPECT_LE(relError(got.key.data(), want.key.data(), want.key.size()), 1e-4);
+        const auto ng = got.named();
+        const auto nw = want.named();
+        ASSERT_EQ(ng.size(), nw.size());
+        for (std::size_t i = 0; i < ng.size(); ++i) {
+          EXPECT_LE(relError(ng[i].values.data(), nw[i].values.data(), nw[i].values.size()), 1e-4)
+              << nw[i].name;
+        }
+      }
+  });
+}
+
+// ---- attendBackward ------------------------------------------------------------------------
+
+TEST(Gradients, AttendBackwardMatchesFiniteDifferencesOfAttend) {
+  forEachMap([](auto tag) {
+    using Map = typename decltype(tag)::type;
+    for (int m : {0, 4})
+      for (bool short_seq : {false, true}) {
+        SCOPED_TRACE(std::string(Map::name) + " m=" + std::to_string(m) +
+                     (short_seq ? " short" : ""));
+        kattn::LayerConfig c = baseConfig(Map::name, m);
+        c.is_short_seq = short_seq;
+        kattn::KernelAttention<double, Map> layer(c);
+        kattn::KernelAttention<double, typename LossMap<Map>::type> frozen(c);
+        std::mt19937_64 gen(1700 + std::uint64_t(m) + (short_seq ? 7 : 0));
+        // Heads with an offset shared by q and k: the identity map's normaliser stays positive.
+        Tensor<double, 4> q = randomTensor<4>(gen, 0.6, {kB, kT, kN, kd}, 0.8);
+        Tensor<double, 4> k = randomTensor<4>(gen, 0.6, {kB, kS, kN, kd}, 0.8);
+        Tensor<double, 4> v = randomTensor<4>(gen, 1.0, {kB, kS, kN, kdv});
+        const Tensor<double, 4> g = randomTensor<4>(gen, 1.0, {kB, kT, kN, kdv});
+        const Problem masks = makeProblem(gen, Shape{kB, kT, kS, false, true});
+        const Tensor<double, 2>& mask = *masks.mask;
+        auto loss = [&] {
+          const Tensor<double, 4> a = frozen.attend(q, k, v, mask);
+          double l = 0;
+          for (Index i = 0; i < a.size(); ++i) l += a.data()[i] * g.data()[i];
+          return l;
+        };
+        FrozenExpPlus::table() = {};
+        (void)loss();
+        FrozenExpPlus::table().replay = true;
+        const kattn::HeadGradients<double> hg = kattn::attendBackward(layer, q, k, v, mask, g);
+        for (auto [name, x, an] : {std::make_tuple("q", &q, &hg.q), std::make_tuple("k", &k, &hg.k),
+                                   std::make_tuple("v", &v, &hg.v)}) {
+          const std::vector<double> fd = centralDifferences(x->data(), x->size(), loss);
+          expectMatches(name, an->data(), fd);
+        }
+        FrozenExpPlus::table() = {};
+      }
+  });
+}
+
+// ---- named() and the error paths ------------------------------------------------------------
+
+TEST(Gradients, NamedListsTheLayersWeightsUnderKerasNames) {
+  for (bool use_bias : {true, false})
+    for (int begin_kernel : {0, 2}) {
+      kattn::LayerConfig c = baseConfig("relu", 4);
+      c.use_bias = use_bias;
+      c.begin_kernel = begin_kernel;
+      kattn::KernelAttention<double, kattn::Relu> layer(c);
+      std::mt19937_64 gen(5);
+      const Problem p = makeProblem(gen, Shape{});
+      const kattn::Weights<double> w = makeWeights(gen, c, true, false);
+      layer.setWeights(w);
+      const auto g = backwardOf(layer, p.query, p.value, p.key, p.mask, p.grad);
+      std::vector<std::string> want = {"query/kernel", "key/kernel", "value/kernel",
+                                       "attention_output/kernel"};
+      if (use_bias) {
+        want = {"query/kernel", "query/bias", "key/kernel", "key/bias", "value/kernel",
+                "value/bias", "attention_output/kernel", "attention_output/bias"};
+      }
+      if (begin_kernel > 0) {
+        want.push_back("attention_output_softmax/kernel");
+        if (use_bias) want.push_back("attention_output_softmax/bias");
+      }
+      std::vector<std::string> got;
+      for (const auto& t : g.named()) {
+        got.push_back(t.name);
+        kattn::Weights<double> copy = w;
+        Index size = 1;
+        for (Index e : t.shape) size *= e;
+        EXPECT_EQ(size, t.values.size()) << t.name;
+        // The shape is the weight's own.
+        EXPECT_NE(weightData(copy, t.name), nullptr);
+      }
+      EXPECT_EQ(got, want);
+      // The gradient tensors have the weights' shapes.
+      EXPECT_EQ(g.weights.query_kernel.dimensions(), w.query_kernel.dimensions());
+      EXPECT_EQ(g.weights.output_kernel.dimensions(), w.output_kernel.dimensions());
+      EXPECT_EQ(g.weights.key_bias.dimensions(), w.key_bias.dimensions());
+      EXPECT_EQ(g.weights.output_softmax_kernel.dimensions(), w.output_softmax_kernel.dimensions());
+    }
+}
+
+/// Runs f, expecting std::invalid_argument whose message starts with `name`.
+template <typename F>
+void expectInvalid(const std::string& name, const F& f) {
+  try {
+    f();
+    ADD_FAILURE() << "no exception for " << name;
+  } catch (const std::invalid_argument& e) {
+    EXPECT_EQ(std::string(e.what()).rfind(name, 0), 0u) << e.what();
+  }
+}
+
+TEST(Gradients, ErrorsNameTheArgument) {
+  kattn::LayerConfig c = baseConfig("elu", 4);
+  kattn::KernelAttention<double, kattn::Elu> layer(c);
+  std::mt19937_64 gen(11);
+  const Problem p = makeProblem(gen, Shape{kB, kT, kS, true, true});
+  EXPECT_THROW(backwardOf(layer, p.query, p.value, p.key, p.mask, p.grad), std::logic_error);
+  layer.setWeights(makeWeights(gen, c, true, false));
+  const Tensor<double, 3> wrong(kB, kT + 1, kO);
+  expectInvalid("grad_output", [&] { backwardOf(layer, p.query, p.value, p.key, p.mask, wrong); });
+  for (double bad : {std::nan(""), std::numeric_limits<double>::infinity()}) {
+    Tensor<double, 3> g = p.grad;
+    g(1, 2, 0) = bad;
+    expectInvalid("grad_output", [&] { backwardOf(layer, p.query, p.value, p.key, p.mask, g); });
+  }
+  const Tensor<double, 3> narrow(kB, kT, kDq - 1);
+  expectInvalid("query", [&] { backwardOf(layer, narrow, p.value, p.key, p.mask, p.grad); });
+  const std::optional<Tensor<double, 3>> short_key = Tensor<double, 3>(kB, kS - 1, kDk);
+  expectInvalid("key", [&] { backwardOf(layer, p.query, p.value, short_key, p.mask, p.grad); });
+  const std::optional<Tensor<double, 2>> bad_mask = Tensor<double, 2>(kB, kS + 1);
+  expectInvalid("attention_mask",
+                [&] { backwardOf(layer, p.query, p.value, p.key, bad_mask, p.grad); });
+  // scale_by_length needs a mask, as in forward.
+  kattn::LayerConfig cs = c;
+  cs.scale_by_length = true;
+  kattn::KernelAttention<double, kattn::Elu> scaled(cs);
+  scaled.setWeights(layer.weights());
+  expectInvalid("attention_mask", [&] {
+    backwardOf(scaled, p.query, p.value, p.key, std::optional<Tensor<double, 2>>(), p.grad);
+  });
+  // The core level.
+  const Tensor<double, 4> q(kB, kT, kN, kd), k(kB, kS, kN, kd), v(kB, kS, kN, kdv);
+  const Tensor<double, 4> gh(kB, kT, kN, kdv + 1);
+  expectInvalid("grad_heads", [&] { kattn::attendBackward(layer, q, k, v, std::nullopt, gh); });
+  Tensor<double, 4> nan_heads(kB, kT, kN, kdv);
+  nan_heads.setZero();
+  nan_heads(0, 0, 0, 0) = std::nan("");
+  expectInvalid("grad_heads",
+                [&] { kattn::attendBackward(layer, q, k, v, std::nullopt, nan_heads); });
+  const Tensor<double, 4> kv_short(kB, kS - 1, kN, kdv);
+  expectInvalid("v", [&] { kattn::attendBackward(layer, q, k, kv_short, std::nullopt, nan_heads); });
+}
+
+TEST(Gradients, NonFiniteInputsReachTheGradientsWithoutAnError) {
+  // As forward: NaN in an input is not an error; it reaches what depends on it.
+  forEachMap([](auto tag) {
+    using Map = typename decltype(tag)::type;
+    SCOPED_TRACE(Map::name);
+    kattn::LayerConfig c = baseConfig(Map::name, 4);
+    kattn::KernelAttention<double, Map> layer(c);
+    std::mt19937_64 gen(13);
+    Problem p = makeProblem(gen, Shape{kB, kT, kS, true, true});
+    layer.setWeights(makeWeights(gen, c, true, false));
+    p.value(0, 1, 0) = std::nan("");
+    const auto g = backwardOf(layer, p.query, p.value, p.key, p.mask, p.grad);
+    bool any_nan = false;
+    for (Index i = 0; i < g.query.size(); ++i) any_nan = any_nan || std::isnan(g.query.data()[i]);
+    EXPECT_TRUE(any_nan);
   });
 }
 

@@ -298,6 +298,21 @@ double smallestLogit(const Layer& layer, const Problem& p) {
   return smallest;
 }
 
+/// The smallest |logit| x.P_j (x_j without P) of heads x [B, L, N, d], whatever the factor
+/// on x (a positive factor keeps a logit's distance from 0 in proportion).
+template <typename Layer>
+double smallestHeadLogit(const Layer& layer, const Tensor<double, 4>& x) {
+  double smallest = std::numeric_limits<double>::infinity();
+  const Index d = x.dimension(3);
+  for (Index r = 0; r < x.size() / d; ++r) {
+    const Eigen::Map<const Eigen::VectorXd> h(x.data() + r * d, d);
+    const Eigen::VectorXd z =
+        layer.config().hasProjection() ? Eigen::VectorXd(layer.projection() * h) : h;
+    smallest = std::min(smallest, z.cwiseAbs().minCoeff());
+  }
+  return smallest;
+}
+
 /// One finite-difference check of the whole layer: every entry of every input and weight.
 struct FdCase {
   kattn::LayerConfig config;
@@ -529,8 +544,14 @@ TEST(Gradients, AttendBackwardMatchesFiniteDifferencesOfAttend) {
         kattn::KernelAttention<double, typename LossMap<Map>::type> frozen(c);
         std::mt19937_64 gen(1700 + std::uint64_t(m) + (short_seq ? 7 : 0));
         // Heads with an offset shared by q and k: the identity map's normaliser stays positive.
-        Tensor<double, 4> q = randomTensor<4>(gen, 0.6, {kB, kT, kN, kd}, 0.8);
-        Tensor<double, 4> k = randomTensor<4>(gen, 0.6, {kB, kS, kN, kd}, 0.8);
+        // Drawn until every logit is clear of relu's kink by far more than the step.
+        Tensor<double, 4> q, k;
+        for (int attempt = 0;; ++attempt) {
+          ASSERT_LT(attempt, 50) << "no heads clear of the relu kink";
+          q = randomTensor<4>(gen, 0.6, {kB, kT, kN, kd}, 0.8);
+          k = randomTensor<4>(gen, 0.6, {kB, kS, kN, kd}, 0.8);
+          if (smallestHeadLogit(layer, q) > 1e-3 && smallestHeadLogit(layer, k) > 1e-3) break;
+        }
         Tensor<double, 4> v = randomTensor<4>(gen, 1.0, {kB, kS, kN, kdv});
         const Tensor<double, 4> g = randomTensor<4>(gen, 1.0, {kB, kT, kN, kdv});
         const Problem masks = makeProblem(gen, Shape{kB, kT, kS, false, true});

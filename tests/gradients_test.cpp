@@ -3,7 +3,7 @@
 // every map, with and without projection, key mask and separate key, in both forms of the
 // kernel path, the short-sequence softmax, begin_kernel and scale_by_length; low-rank against
 // explicit; float against double; the core-level attendBackward against finite differences of
-// attend(); named(); and the error paths. Errors are the project's measure: the largest
+// attend(); named(); the error paths; and an SGD loop that fits a layer to a target layer. Errors are the project's measure: the largest
 // absolute error over the largest absolute reference entry, per tensor.
 #include <gtest/gtest.h>
 
@@ -688,6 +688,65 @@ TEST(Gradients, NonFiniteInputsReachTheGradientsWithoutAnError) {
     for (Index i = 0; i < g.query.size(); ++i) any_nan = any_nan || std::isnan(g.query.data()[i]);
     EXPECT_TRUE(any_nan);
   });
+}
+
+// ---- an SGD step, as docs/training.md writes it ----------------------------------------------
+
+/// w -= lr * g for every weight (an empty tensor, a bias of a layer without biases, stays).
+template <typename Scalar>
+void sgdStep(kattn::Weights<Scalar>& w, const kattn::Weights<Scalar>& g, Scalar lr) {
+  auto step = [lr](auto& p, const auto& dp) {
+    if (p.size()) p -= dp * lr;
+  };
+  step(w.query_kernel, g.query_kernel);
+  step(w.query_bias, g.query_bias);
+  step(w.key_kernel, g.key_kernel);
+  step(w.key_bias, g.key_bias);
+  step(w.value_kernel, g.value_kernel);
+  step(w.value_bias, g.value_bias);
+  step(w.output_kernel, g.output_kernel);
+  step(w.output_bias, g.output_bias);
+  step(w.output_softmax_kernel, g.output_softmax_kernel);
+  step(w.output_softmax_bias, g.output_softmax_bias);
+}
+
+TEST(Gradients, SgdFitsATargetLayer) {
+  // Self-attention: a layer learns to reproduce a target layer's outputs (mean squared error).
+  kattn::LayerConfig c = baseConfig("elu", 0);
+  c.output_shape = int(kDq);
+  kattn::LayerConfig other = c;
+  other.seed = 8;
+  other.kernel_initializer.name = "random_normal";
+  other.kernel_initializer.stddev = 0.5;
+  kattn::KernelAttention<double, kattn::Elu> target(other), layer(c);
+  target.initializeWeights(kDq, kDq);  // the weights to find
+  layer.initializeWeights(kDq, kDq);   // where the search starts
+  std::mt19937_64 gen(17);
+  const Tensor<double, 3> x = randomTensor<3>(gen, 1.0, {4, 8, kDq});
+  const Tensor<double, 3> y = target.forward(x, x);
+  auto lossAndGrad = [&](Tensor<double, 3>* grad) {
+    const Tensor<double, 3> out = layer.forward(x, x);
+    double l = 0;
+    if (grad) *grad = Tensor<double, 3>(out.dimensions());
+    for (Index i = 0; i < out.size(); ++i) {
+      const double e = out.data()[i] - y.data()[i];
+      l += e * e / double(out.size());
+      if (grad) grad->data()[i] = 2 * e / double(out.size());
+    }
+    return l;
+  };
+  const double first = lossAndGrad(nullptr);
+  double last = first;
+  for (int it = 0; it < 3000; ++it) {
+    Tensor<double, 3> dy;
+    last = lossAndGrad(&dy);
+    const kattn::Gradients<double> g =
+        kattn::backward(layer, x, x, std::nullopt, std::nullopt, dy);
+    kattn::Weights<double> w = layer.weights();
+    sgdStep(w, g.weights, 0.5);
+    layer.setWeights(std::move(w));
+  }
+  EXPECT_LT(last, first / 100) << "loss " << first << " -> " << last;
 }
 
 }  // namespace

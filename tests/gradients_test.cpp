@@ -3,13 +3,15 @@
 // every map, with and without projection, key mask and separate key, in both forms of the
 // kernel path, the short-sequence softmax, begin_kernel and scale_by_length; low-rank against
 // explicit; float against double; the core-level attendBackward against finite differences of
-// attend(); named(); the error paths; and an SGD loop that fits a layer to a target layer. Errors are the project's measure: the largest
-// absolute error over the largest absolute reference entry, per tensor.
+// attend(); named(); the error paths; and an SGD loop that fits a layer to a target layer.
+// Errors are the project's measure: the largest absolute error over the largest absolute
+// reference entry, per tensor.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <limits>
 #include <optional>
@@ -573,6 +575,46 @@ TEST(Gradients, AttendBackwardMatchesFiniteDifferencesOfAttend) {
         }
         FrozenExpPlus::table() = {};
       }
+  });
+}
+
+// ---- threads ---------------------------------------------------------------------------------
+
+/// Whether two gradients are bit for bit the same.
+bool sameBits(const kattn::Gradients<double>& a, const kattn::Gradients<double>& b) {
+  auto same = [](const double* x, const double* y, Index n) {
+    return std::equal(x, x + n, y, [](double u, double v) {
+      return std::memcmp(&u, &v, sizeof u) == 0;
+    });
+  };
+  bool ok = same(a.query.data(), b.query.data(), a.query.size()) &&
+            same(a.value.data(), b.value.data(), a.value.size()) &&
+            same(a.key.data(), b.key.data(), a.key.size());
+  const auto na = a.named(), nb = b.named();
+  for (std::size_t i = 0; i < na.size(); ++i) {
+    ok = ok && same(na[i].values.data(), nb[i].values.data(), na[i].values.size());
+  }
+  return ok;
+}
+
+TEST(Gradients, ResultsDoNotDependOnTheThreadCount) {
+  // Large enough for the pool to take the head tasks.
+  forEachMap([](auto tag) {
+    using Map = typename decltype(tag)::type;
+    SCOPED_TRACE(Map::name);
+    const kattn::LayerConfig c = baseConfig(Map::name, 4);
+    kattn::KernelAttention<double, Map> layer(c);
+    std::mt19937_64 gen(21);
+    const Problem p = makeProblem(gen, Shape{3, 300, 280, true, true});
+    const bool identity = std::string(Map::name) == "identity";
+    layer.setWeights(makeWeights(gen, c, true, identity));
+    layer.setThreads(1);
+    const auto one = backwardOf(layer, p.query, p.value, p.key, p.mask, p.grad);
+    for (int threads : {2, 3}) {
+      layer.setThreads(threads);
+      EXPECT_TRUE(sameBits(one, backwardOf(layer, p.query, p.value, p.key, p.mask, p.grad)))
+          << threads << " threads";
+    }
   });
 }
 

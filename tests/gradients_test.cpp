@@ -598,11 +598,11 @@ bool sameBits(const kattn::Gradients<double>& a, const kattn::Gradients<double>&
 }
 
 TEST(Gradients, ResultsDoNotDependOnTheThreadCount) {
-  // Large enough for the pool to take the head tasks.
+  // Large enough for the pool to take the head tasks (kParallelMinFlops).
   forEachMap([](auto tag) {
     using Map = typename decltype(tag)::type;
     SCOPED_TRACE(Map::name);
-    const kattn::LayerConfig c = baseConfig(Map::name, 4);
+    const kattn::LayerConfig c = baseConfig(Map::name, 32);
     kattn::KernelAttention<double, Map> layer(c);
     std::mt19937_64 gen(21);
     const Problem p = makeProblem(gen, Shape{3, 300, 280, true, true});

@@ -256,12 +256,49 @@ void addMaxGradient(const ArgMax<Scalar>& at, Scalar total, const Matrix<Scalar>
   }
 }
 
+/// One job's share of the forward's whole-sequence quantities, in blocks of rows: for the exp
+/// maps the largest logit of each side of its batch row (qmax, kmax); for expplus the largest
+/// key u of the whole batch (key_max) and the job's coefficients, from both sides' statistics
+/// (equal to the forward's up to the order of their sums).
+template <typename Map, typename Scalar>
+void scanSides(HeadJob<Scalar>& j, std::vector<ArgMax<Scalar>>& qmax,
+               std::vector<ArgMax<Scalar>>& kmax, ArgMax<Scalar>& key_max) {
+  constexpr bool shifted = feature_map_traits<Map>::max_shifted;
+  const Matrix<Scalar>* P = j.call->projection;
+  const Index d = j.d(), S = j.call->S, L = kStreamRows;
+  Matrix<Scalar> x, z;
+  ExpPlus::SideStatistics<Scalar> sq, sk;
+  sq.sum.setZero(d);
+  sk.sum.setZero(d);
+  sq.length = j.q1 - j.q0;
+  sk.length = S;
+  for (Index t0 = j.q0; t0 < j.q1; t0 += L) {
+    j.queries(t0, std::min(L, j.q1 - t0), x);
+    if (shifted) {
+      stabiliserLogits<Map, Scalar>(x, P, z);
+      qmax[std::size_t(j.b)].scan(z, j.b, t0, j.n);
+    }
+    sq.sum_squares += x.squaredNorm();
+    sq.sum += x.colwise().sum().transpose();
+  }
+  for (Index s0 = 0; s0 < S; s0 += L) {
+    j.keys(s0, std::min(L, S - s0), x);
+    stabiliserLogits<Map, Scalar>(x, P, z);
+    (shifted ? kmax[std::size_t(j.b)] : key_max).scan(z, j.b, s0, j.n);
+    sk.sum_squares += x.squaredNorm();
+    sk.sum += x.colwise().sum().transpose();
+  }
+  if constexpr (feature_map_traits<Map>::pair_statistics) {
+    j.qside.coeff = ExpPlus::coefficients(sq, sk, d);
+    j.kside.coeff = ExpPlus::coefficients(sk, sq, d);
+  }
+}
+
 /// One part of the core backward: query rows [q0, q1) through `Map` (the short-sequence
 /// softmax when `short_path`), against all keys.
 template <typename Map, typename Scalar>
 void backwardPart(const CoreGradCall<Scalar>& call, bool short_path, Index q0, Index q1) {
   using Traits = feature_map_traits<Map>;
-  using Mat = Matrix<Scalar>;
   const Index B = call.B, N = call.dims.heads, d = call.dims.key_dim, S = call.S;
   const Matrix<Scalar>* P = call.projection;
   auto rq = [&](Index b) {
@@ -289,38 +326,8 @@ void backwardPart(const CoreGradCall<Scalar>& call, bool short_path, Index q0, I
   std::vector<ArgMax<Scalar>> qmax(static_cast<std::size_t>(B)), kmax(qmax);
   ArgMax<Scalar> key_max;
   if constexpr (Traits::max_shifted || Traits::pair_statistics) {
-    const bool shifted = Traits::max_shifted;
-    if (shifted || P) {
-      Mat x, z;
-      for (Index b = 0; b < B; ++b)
-        for (Index n = 0; n < N; ++n) {
-          HeadJob<Scalar>& j = jobs[std::size_t(b * N + n)];
-          if (shifted) {
-            for (Index t0 = q0; t0 < q1; t0 += kStreamRows) {
-              j.queries(t0, std::min(kStreamRows, q1 - t0), x);
-              stabiliserLogits<Map, Scalar>(x, P, z);
-              qmax[std::size_t(b)].scan(z, b, t0, n);
-            }
-          }
-          typename ExpPlus::SideStatistics<Scalar> sk;
-          sk.sum.setZero(d);
-          for (Index s0 = 0; s0 < S; s0 += kStreamRows) {
-            const Index len = std::min(kStreamRows, S - s0);
-            j.keys(s0, len, x);
-            stabiliserLogits<Map, Scalar>(x, P, z);
-            (shifted ? kmax[std::size_t(b)] : key_max).scan(z, b, s0, n);
-            sk.sum_squares += x.squaredNorm();
-            sk.sum += x.colwise().sum().transpose();
-          }
-          sk.length = S;
-          if constexpr (Traits::pair_statistics) {
-            Mat xq;
-            j.queries(q0, q1 - q0, xq);
-            const auto sq = ExpPlus::statistics<Scalar>(xq);
-            j.qside.coeff = ExpPlus::coefficients(sq, sk, d);
-            j.kside.coeff = ExpPlus::coefficients(sk, sq, d);
-          }
-        }
+    if (Traits::max_shifted || P) {
+      for (HeadJob<Scalar>& j : jobs) scanSides<Map>(j, qmax, kmax, key_max);
       for (HeadJob<Scalar>& j : jobs) {
         j.qside.shift = qmax[std::size_t(j.b)].value;
         j.kside.shift = kmax[std::size_t(j.b)].value;

@@ -153,6 +153,8 @@ class KernelAttention {
   /// Forces one form of the bidirectional kernel path (for benchmarks and tests); Auto, the
   /// default, lets the cost model pick. Both forms compute the same function.
   void setCoreForm(CoreForm form) { m_form = form; }
+  /// The form setCoreForm chose (Auto unless set).
+  CoreForm coreForm() const { return m_form; }
 
   /**
    * \brief The working memory, in bytes, that a forward over B rows of T queries and S keys

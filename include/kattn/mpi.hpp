@@ -266,15 +266,19 @@ class SequenceParallel<KernelAttention<Scalar, FeatureMap, Masking>> {
     Scalar key_max = -std::numeric_limits<Scalar>::infinity();
     std::int64_t lengths[2] = {0, 0};
   };
-  /// What the twins' core takes: the heads, scaled, or for expplus its features.
+  /// What the twins' core takes: the heads, scaled, or for expplus its features (made from
+  /// the heads in `scratch`). Kept from block to block.
   struct CoreInputs {
-    Tensor<Scalar, 4> q, k, v;
+    detail::BlockBuffer<Scalar> q, k, v, scratch;
   };
   /// Rows per block: a pass holds a block's projections, not the slice's.
-  static constexpr Index kBlockRows = 4096;
+  static constexpr Index kBlockRows = 1024;
 
   Prepared prepare(const Rows& x);
-  CoreInputs block(const Rows& x, const Prepared& p, Index q0, Index nq, Index k0, Index nk) const;
+  void block(const Rows& x, const Prepared& p, Index q0, Index nq, Index k0, Index nk,
+             CoreInputs& c) const;
+  void features(const Prepared& p, const ConstTensorMap<Scalar, 4>& h, bool queries,
+                detail::BlockBuffer<Scalar>& out) const;
   void shifts(const Rows& x, const Prepared& p, std::vector<Scalar>& qshift,
               std::vector<Scalar>* kshift);
   Tensor<Scalar, 3> bidirectional(const Rows& x);

@@ -26,7 +26,7 @@ auto SequenceParallel<KernelAttention<Scalar, FeatureMap, Masking>>::prepare(con
     p.stats.assign(std::size_t(x.B * N * per), Scalar(0));
     const Weights<Scalar>& w = m_layer.weights();
     const ThreadPool* pool = m_layer.threadPool().get();
-    auto add = [&](const Tensor<Scalar, 4>& h, Index at, bool keys) {
+    auto add = [&](const ConstTensorMap<Scalar, 4>& h, Index at, bool keys) {
       const Index n = h.dimension(1);
       Mat u;
       for (Index b = 0; b < x.B; ++b) {
@@ -45,15 +45,16 @@ auto SequenceParallel<KernelAttention<Scalar, FeatureMap, Masking>>::prepare(con
       }
     };
     m_comm.step([&] {
+      detail::BlockBuffer<Scalar> h;
       for (Index r0 = 0; r0 < x.Lq; r0 += kBlockRows) {
         const Index n = std::min(kBlockRows, x.Lq - r0);
-        add(detail::projectHeads(x.q, x.B, x.Lq, r0, n, w.query_kernel, w.query_bias, p.r, pool),
-            0, false);
+        detail::projectHeads(x.q, x.B, x.Lq, r0, n, w.query_kernel, w.query_bias, p.r, pool, h);
+        add(h.view(), 0, false);
       }
       for (Index r0 = 0; r0 < x.Lk; r0 += kBlockRows) {
         const Index n = std::min(kBlockRows, x.Lk - r0);
-        add(detail::projectHeads(x.k, x.B, x.Lk, r0, n, w.key_kernel, w.key_bias, p.r, pool),
-            1 + d, true);
+        detail::projectHeads(x.k, x.B, x.Lk, r0, n, w.key_kernel, w.key_bias, p.r, pool, h);
+        add(h.view(), 1 + d, true);
       }
     });
     m_comm.allreduce(p.stats.data(), p.stats.size(), MPI_SUM);
@@ -66,50 +67,52 @@ auto SequenceParallel<KernelAttention<Scalar, FeatureMap, Masking>>::prepare(con
 }
 
 template <typename Scalar, typename FeatureMap, typename Masking>
-auto SequenceParallel<KernelAttention<Scalar, FeatureMap, Masking>>::block(
-    const Rows& x, const Prepared& p, Index q0, Index nq, Index k0, Index nk) const
-    -> CoreInputs {
+void SequenceParallel<KernelAttention<Scalar, FeatureMap, Masking>>::block(
+    const Rows& x, const Prepared& p, Index q0, Index nq, Index k0, Index nk,
+    CoreInputs& c) const {
   const Weights<Scalar>& w = m_layer.weights();
   const ThreadPool* pool = m_layer.threadPool().get();
-  CoreInputs c;
-  c.q = detail::projectHeads(x.q, x.B, x.Lq, q0, nq, w.query_kernel, w.query_bias, p.r, pool);
-  c.k = detail::projectHeads(x.k, x.B, x.Lk, k0, nk, w.key_kernel, w.key_bias, p.r, pool);
-  c.v = detail::projectHeads(x.v, x.B, x.Lk, k0, nk, w.value_kernel, w.value_bias,
-                             std::vector<Scalar>(std::size_t(x.B), Scalar(1)), pool);
-  if constexpr (kPair) {
-    if (!m_layer.config().hasProjection()) return c;
-    const Index N = m_layer.numHeads(), d = m_layer.keyDim(), F = m_layer.numFeatures();
-    const Index per = 2 * (1 + d);
-    const Mat& P = m_layer.projection();
-    auto features = [&](const Tensor<Scalar, 4>& h, bool queries) {
-      const Index n = h.dimension(1);
-      Tensor<Scalar, 4> f(x.B, n, N, F);
-      for (Index b = 0; b < x.B; ++b) {
-        const Eigen::Map<const Mat> rows(h.data() + b * n * N * d, n, N * d);
-        Eigen::Map<Mat> out(f.data() + b * n * N * F, n, N * F);
-        for (Index hd = 0; hd < N; ++hd) {
-          const Scalar* s = p.stats.data() + (b * N + hd) * per;
-          typename ExpPlus::template SideStatistics<Scalar> sq, sk;
-          sq.sum_squares = s[0];
-          sq.sum = Eigen::Map<const Vector<Scalar>>(s + 1, d);
-          sq.length = Index(p.lengths[0]);
-          sk.sum_squares = s[1 + d];
-          sk.sum = Eigen::Map<const Vector<Scalar>>(s + 2 + d, d);
-          sk.length = Index(p.lengths[1]);
-          const FeatureInput<Scalar> in{rows.middleCols(hd * d, d), &P, queries};
-          FeatureBlock<Scalar> o(out.middleCols(hd * F, F));
-          ExpPlus{}.logits(in, o);
-          ExpPlus{}.finish(in, o, queries ? ExpPlus::coefficients(sq, sk, d)
-                                          : ExpPlus::coefficients(sk, sq, d),
-                           queries ? Scalar(0) : p.key_max);
-        }
-      }
-      return f;
-    };
-    c.q = features(c.q, true);
-    c.k = features(c.k, false);
+  const std::vector<Scalar> ones(std::size_t(x.B), Scalar(1));
+  const bool pair = kPair && m_layer.config().hasProjection();
+  // expplus: the heads go to scratch, its features to q and k.
+  detail::projectHeads(x.q, x.B, x.Lq, q0, nq, w.query_kernel, w.query_bias, p.r, pool,
+                       pair ? c.scratch : c.q);
+  if (pair) features(p, c.scratch.view(), true, c.q);
+  detail::projectHeads(x.k, x.B, x.Lk, k0, nk, w.key_kernel, w.key_bias, p.r, pool,
+                       pair ? c.scratch : c.k);
+  if (pair) features(p, c.scratch.view(), false, c.k);
+  detail::projectHeads(x.v, x.B, x.Lk, k0, nk, w.value_kernel, w.value_bias, ones, pool, c.v);
+}
+
+template <typename Scalar, typename FeatureMap, typename Masking>
+void SequenceParallel<KernelAttention<Scalar, FeatureMap, Masking>>::features(
+    const Prepared& p, const ConstTensorMap<Scalar, 4>& h, bool queries,
+    detail::BlockBuffer<Scalar>& out) const {
+  // SPEC 2, with the coefficients of the whole sequences' statistics.
+  const Index B = h.dimension(0), n = h.dimension(1), N = m_layer.numHeads();
+  const Index d = m_layer.keyDim(), F = m_layer.numFeatures(), per = 2 * (1 + d);
+  const Mat& P = m_layer.projection();
+  Scalar* f = out.reshape({B, n, N, F});
+  for (Index b = 0; b < B; ++b) {
+    const Eigen::Map<const Mat> rows(h.data() + b * n * N * d, n, N * d);
+    Eigen::Map<Mat> o(f + b * n * N * F, n, N * F);
+    for (Index hd = 0; hd < N; ++hd) {
+      const Scalar* s = p.stats.data() + (b * N + hd) * per;
+      typename ExpPlus::template SideStatistics<Scalar> sq, sk;
+      sq.sum_squares = s[0];
+      sq.sum = Eigen::Map<const Vector<Scalar>>(s + 1, d);
+      sq.length = Index(p.lengths[0]);
+      sk.sum_squares = s[1 + d];
+      sk.sum = Eigen::Map<const Vector<Scalar>>(s + 2 + d, d);
+      sk.length = Index(p.lengths[1]);
+      const FeatureInput<Scalar> in{rows.middleCols(hd * d, d), &P, queries};
+      FeatureBlock<Scalar> blk(o.middleCols(hd * F, F));
+      ExpPlus{}.logits(in, blk);
+      ExpPlus{}.finish(in, blk,
+                       queries ? ExpPlus::coefficients(sq, sk, d) : ExpPlus::coefficients(sk, sq, d),
+                       queries ? Scalar(0) : p.key_max);
+    }
   }
-  return c;
 }
 
 template <typename Scalar, typename FeatureMap, typename Masking>
@@ -124,15 +127,16 @@ void SequenceParallel<KernelAttention<Scalar, FeatureMap, Masking>>::shifts(
       auto fold = [](std::vector<Scalar>& into, const std::vector<Scalar>& from) {
         for (std::size_t b = 0; b < into.size(); ++b) into[b] = std::max(into[b], from[b]);
       };
+      CoreInputs c;
       for (Index r0 = 0; r0 < x.Lq; r0 += kBlockRows) {
         const Index n = std::min(kBlockRows, x.Lq - r0);
-        const CoreInputs c = block(x, p, r0, n, 0, 0);
-        fold(qshift, queryShift(m_core, kattn::constView<Scalar, 4>(c.q)));
+        block(x, p, r0, n, 0, 0, c);
+        fold(qshift, queryShift(m_core, c.q.view()));
       }
       for (Index r0 = 0; kshift && r0 < x.Lk; r0 += kBlockRows) {
         const Index n = std::min(kBlockRows, x.Lk - r0);
-        const CoreInputs c = block(x, p, 0, 0, r0, n);
-        fold(*kshift, queryShift(m_core, kattn::constView<Scalar, 4>(c.k)));
+        block(x, p, 0, 0, r0, n, c);
+        fold(*kshift, queryShift(m_core, c.k.view()));
       }
     });
     m_comm.allreduce(qshift.data(), qshift.size(), MPI_MAX);
@@ -152,9 +156,10 @@ Tensor<Scalar, 3> SequenceParallel<KernelAttention<Scalar, FeatureMap, Masking>>
   KeySummary<Scalar> summary(B, N, F, dv);
   m_comm.step([&] {
     Tensor<Scalar, 2> m;
+    CoreInputs c;
     for (Index r0 = 0; r0 < x.Lk; r0 += kBlockRows) {
       const Index n = std::min(kBlockRows, x.Lk - r0);
-      const CoreInputs c = block(x, p, 0, 0, r0, n);
+      block(x, p, 0, 0, r0, n, c);
       std::optional<ConstTensorMap<Scalar, 2>> mask;
       if (x.mask) {
         m = Tensor<Scalar, 2>(B, n);
@@ -162,8 +167,7 @@ Tensor<Scalar, 3> SequenceParallel<KernelAttention<Scalar, FeatureMap, Masking>>
           std::copy(x.mask + b * x.Lk + r0, x.mask + b * x.Lk + r0 + n, m.data() + b * n);
         mask.emplace(m.data(), B, n);
       }
-      summary = combine(summary, summarizeKeys(m_keys, kattn::constView<Scalar, 4>(c.k),
-                                               kattn::constView<Scalar, 4>(c.v), mask));
+      summary = combine(summary, summarizeKeys(m_keys, c.k.view(), c.v.view(), mask));
     }
   });
   // Every rank's sums relative to the largest key logit of all ranks, then added.
@@ -198,13 +202,14 @@ Tensor<Scalar, 3> SequenceParallel<KernelAttention<Scalar, FeatureMap, Masking>>
         summary.kv(b, n) = Eigen::Map<const Mat>(s, F, dv);
         summary.z(b, n) = Eigen::Map<const Vector<Scalar>>(s + F * dv, F);
       }
+    CoreInputs c;
+    detail::BlockBuffer<Scalar> heads;
     for (Index r0 = 0; r0 < x.Lq; r0 += kBlockRows) {
       const Index n = std::min(kBlockRows, x.Lq - r0);
-      const CoreInputs c = block(x, p, r0, n, 0, 0);
-      Tensor<Scalar, 4> heads(B, n, N, dv);
-      readout(m_keys, kattn::constView<Scalar, 4>(c.q), summary, TensorMap<Scalar, 4>(heads),
-              qshift);
-      detail::projectOutput(heads, m_layer.weights(), m_layer.threadPool().get(), y.data(),
+      block(x, p, r0, n, 0, 0, c);
+      heads.reshape({B, n, N, dv});
+      readout(m_keys, c.q.view(), summary, heads.map(), qshift);
+      detail::projectOutput(heads.view(), m_layer.weights(), m_layer.threadPool().get(), y.data(),
                             x.Lq, r0);
     }
   });
@@ -218,27 +223,38 @@ void SequenceParallel<KernelAttention<Scalar, FeatureMap, Masking>>::feed(
   const Index B = x.B, C = m_core.masking().chunk;
   const Index step = std::max(C, kBlockRows / C * C);
   Tensor<Scalar, 2> m;
+  CoreInputs c;
+  detail::BlockBuffer<Scalar> heads, qp, kp, vp;
+  const Index N = m_layer.numHeads(), dv = m_layer.valueDim();
   for (Index r0 = a; r0 < b;) {
     // Left padding's first chunk: `pad` copies of its first row, masked, in front. A copy
     // leaves the exp maps' largest key logit as it is, and a masked key adds nothing.
     const Index pad = r0 == 0 ? lead : 0, n = std::min(b - r0, step - pad);
-    const CoreInputs c = block(x, p, r0, n, r0, n);
-    m = Tensor<Scalar, 2>(B, pad + n);
+    block(x, p, r0, n, r0, n, c);
+    m.resize(B, pad + n);
     for (Index i = 0; i < B; ++i)
       for (Index t = 0; t < pad + n; ++t)
         m(i, t) = t < pad ? Scalar(0) : (x.mask ? x.mask[i * x.Lk + r0 + t - pad] : Scalar(1));
-    Tensor<Scalar, 4> heads;
+    heads.reshape({B, pad + n, N, dv});
     if (pad > 0) {
-      const Tensor<Scalar, 4> all = m_core.attend(detail::padRows(c.q, pad),
-                                                  detail::padRows(c.k, pad),
-                                                  detail::padRows(c.v, pad), m, s);
-      heads = all.slice(std::array<Index, 4>{0, pad, 0, 0},
-                        std::array<Index, 4>{B, n, all.dimension(2), all.dimension(3)});
+      detail::padRows(c.q.view(), pad, qp);
+      detail::padRows(c.k.view(), pad, kp);
+      detail::padRows(c.v.view(), pad, vp);
+      m_core.attend(qp.view(), kp.view(), vp.view(), m, s, heads.map());
     } else {
-      heads = m_core.attend(c.q, c.k, c.v, m, s);
+      m_core.attend(c.q.view(), c.k.view(), c.v.view(), m, s, heads.map());
     }
     if (y) {
-      detail::projectOutput(heads, m_layer.weights(), m_layer.threadPool().get(), y, x.Lq, r0);
+      const ConstTensorMap<Scalar, 4> all = heads.view();
+      if (pad > 0) {
+        // The real rows' heads, without the padding's.
+        const Tensor<Scalar, 4> real =
+            all.slice(std::array<Index, 4>{0, pad, 0, 0}, std::array<Index, 4>{B, n, N, dv});
+        detail::projectOutput(ConstTensorMap<Scalar, 4>(real.data(), B, n, N, dv),
+                              m_layer.weights(), m_layer.threadPool().get(), y, x.Lq, r0);
+      } else {
+        detail::projectOutput(all, m_layer.weights(), m_layer.threadPool().get(), y, x.Lq, r0);
+      }
     }
     r0 += n;
   }
@@ -264,9 +280,10 @@ StreamingState<Scalar> SequenceParallel<KernelAttention<Scalar, FeatureMap, Mask
   // gamma^(chunks after it), which the key summary takes as mask weights. No query is read.
   KeySummary<Scalar> sum(B, N, m_layer.numFeatures(), m_layer.valueDim());
   Tensor<Scalar, 2> weight;
+  CoreInputs c;
   for (Index r0 = 0; r0 < L; r0 += kBlockRows) {
     const Index n = std::min(kBlockRows, L - r0);
-    const CoreInputs c = block(x, p, 0, 0, r0, n);
+    block(x, p, 0, 0, r0, n, c);
     weight = Tensor<Scalar, 2>(B, n);
     for (Index b = 0; b < B; ++b)
       for (Index t = 0; t < n; ++t) {
@@ -274,8 +291,7 @@ StreamingState<Scalar> SequenceParallel<KernelAttention<Scalar, FeatureMap, Mask
         const Index after = chunks - 1 - (r0 + t + lead) / C;
         weight(b, t) = cw.decay ? m * std::pow(Scalar(*cw.decay), Scalar(after)) : m;
       }
-    sum = combine(sum, summarizeKeys(m_keys, kattn::constView<Scalar, 4>(c.k),
-                                     kattn::constView<Scalar, 4>(c.v),
+    sum = combine(sum, summarizeKeys(m_keys, c.k.view(), c.v.view(),
                                      std::optional<ConstTensorMap<Scalar, 2>>(
                                          ConstTensorMap<Scalar, 2>(weight.data(), B, n))));
   }

@@ -64,32 +64,49 @@ std::uint64_t fingerprint(const KernelAttention<Scalar, FeatureMap, Masking>& la
   return h;
 }
 
+/// Rows of a block [B, n, N, h] (heads or features) in memory kept from block to block: a
+/// fresh allocation per block would be a fresh mapping of pages (large blocks come from mmap)
+/// and a page fault for each.
+template <typename Scalar>
+struct BlockBuffer {
+  std::vector<Scalar> data;
+  std::array<Index, 4> dims{0, 0, 0, 0};
+
+  Scalar* reshape(const std::array<Index, 4>& d) {
+    dims = d;
+    data.resize(std::size_t(d[0] * d[1] * d[2] * d[3]));
+    return data.data();
+  }
+  TensorMap<Scalar, 4> map() { return TensorMap<Scalar, 4>(data.data(), dims); }
+  ConstTensorMap<Scalar, 4> view() const { return ConstTensorMap<Scalar, 4>(data.data(), dims); }
+};
+
 /// Heads [B, n, N, h] = factor_b (x[b, r0:r0+n] W + bias) of the rows x [B, L, D] (SPEC 1.1),
 /// one GEMM for all heads per slice of rows, as the whole pass projects.
 template <typename Scalar>
-Tensor<Scalar, 4> projectHeads(const Scalar* x, Index B, Index L, Index r0, Index n,
-                               const Tensor<Scalar, 3>& kernel, const Tensor<Scalar, 2>& bias,
-                               const std::vector<Scalar>& factor, const ThreadPool* pool) {
+void projectHeads(const Scalar* x, Index B, Index L, Index r0, Index n,
+                  const Tensor<Scalar, 3>& kernel, const Tensor<Scalar, 2>& bias,
+                  const std::vector<Scalar>& factor, const ThreadPool* pool,
+                  BlockBuffer<Scalar>& out) {
   using ConstMapMat = Eigen::Map<const Matrix<Scalar>>;
   using RowVec = Eigen::Matrix<Scalar, 1, Eigen::Dynamic>;
   const Index D = kernel.dimension(0), N = kernel.dimension(1), h = kernel.dimension(2);
   const Index cols = N * h;
-  Tensor<Scalar, 4> out(B, n, N, h);
+  Scalar* dst = out.reshape({B, n, N, h});
   const ConstMapMat W(kernel.data(), D, cols);
   for (Index b = 0; b < B; ++b) {
     forRowSlices(n, pool, [&](Index s0, Index len) {
-      Eigen::Map<Matrix<Scalar>> o(out.data() + (b * n + s0) * cols, len, cols);
+      Eigen::Map<Matrix<Scalar>> o(dst + (b * n + s0) * cols, len, cols);
       o.noalias() = ConstMapMat(x + (b * L + r0 + s0) * D, len, D) * W;
       if (bias.size()) o.rowwise() += Eigen::Map<const RowVec>(bias.data(), cols);
       if (factor[std::size_t(b)] != Scalar(1)) o *= factor[std::size_t(b)];
     });
   }
-  return out;
 }
 
 /// Rows r0.. of the output y [B, L, O] = heads [B, n, N, d_v] Wo + bo (SPEC 1.5).
 template <typename Scalar>
-void projectOutput(const Tensor<Scalar, 4>& heads, const Weights<Scalar>& w,
+void projectOutput(const ConstTensorMap<Scalar, 4>& heads, const Weights<Scalar>& w,
                    const ThreadPool* pool, Scalar* y, Index L, Index r0) {
   using ConstMapMat = Eigen::Map<const Matrix<Scalar>>;
   using RowVec = Eigen::Matrix<Scalar, 1, Eigen::Dynamic>;
@@ -105,20 +122,17 @@ void projectOutput(const Tensor<Scalar, 4>& heads, const Weights<Scalar>& w,
   }
 }
 
-/// Rows [r0, r0 + n) of t [B, L, ...] as [B, pad + n, ...], after `pad` copies of row r0.
-template <typename Scalar, int R>
-Tensor<Scalar, R> padRows(const Tensor<Scalar, R>& t, Index pad) {
-  auto dims = t.dimensions();
-  const Index B = dims[0], n = dims[1], w = n ? t.size() / (B * n) : 0;
-  dims[1] = pad + n;
-  Tensor<Scalar, R> out(dims);
+/// The rows of `t` [B, n, N, h] as [B, pad + n, N, h], after `pad` copies of the first.
+template <typename Scalar>
+void padRows(const ConstTensorMap<Scalar, 4>& t, Index pad, BlockBuffer<Scalar>& out) {
+  const Index B = t.dimension(0), n = t.dimension(1), w = t.dimension(2) * t.dimension(3);
+  Scalar* dst0 = out.reshape({B, pad + n, t.dimension(2), t.dimension(3)});
   for (Index b = 0; b < B; ++b) {
     const Scalar* src = t.data() + b * n * w;
-    Scalar* dst = out.data() + b * (pad + n) * w;
+    Scalar* dst = dst0 + b * (pad + n) * w;
     for (Index p = 0; p < pad && n > 0; ++p) std::copy(src, src + w, dst + p * w);
     std::copy(src, src + n * w, dst + pad * w);
   }
-  return out;
 }
 
 /**

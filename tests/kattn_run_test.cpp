@@ -925,7 +925,10 @@ TEST(KattnRunMpi, GoldenCasesOverThreeRanks) {
     return c.at("mode") == "call" && (c.at("path") == "causal" || c.at("path") == "noncausal");
   });
   ASSERT_FALSE(names.empty());
-  for (const std::string& name : names) {
+  // One run per case (a process start under the sanitizers costs a second): equal slices and
+  // given ones in turn.
+  for (std::size_t i = 0; i < names.size(); ++i) {
+    const std::string& name = names[i];
     const GoldenCase gc(name);
     TempDir dir("kattn_run_mpi");
     writeLayerFiles(gc, dir);
@@ -935,9 +938,9 @@ TEST(KattnRunMpi, GoldenCasesOverThreeRanks) {
     }
     in.write(dir.file("in.safetensors"));
     const Index T = gc.tensor<double, 3>("query").dimension(1);
-    std::vector<std::vector<std::string>> runs = {{}};
-    if (T >= 2) runs.push_back({"--slices", "1,0," + std::to_string(T - 1)});
-    for (const auto& extra : runs) {
+    std::vector<std::string> extra;
+    if (i % 2 == 1 && T >= 2) extra = {"--slices", "1,0," + std::to_string(T - 1)};
+    {
       std::vector<std::string> args = baseArgs(dir, "float64");
       args.push_back("--mpi");
       args.insert(args.end(), extra.begin(), extra.end());

@@ -14,5 +14,6 @@
 #include "layer.hpp"
 #include "key_summary.hpp"
 #include "core.hpp"
+#include "gradients.hpp"
 #include "any_layer.hpp"
 #include "build_info.hpp"

@@ -21,6 +21,7 @@
 #include "detail/input_views.hpp"
 #include "detail/mpi_comm.hpp"
 #include "detail/mpi_pass.hpp"
+#include "mpi_error.hpp"
 #include "layer.hpp"
 #include "streaming.hpp"
 

@@ -101,9 +101,13 @@ int run(int argc, char** argv) {
   for (Index i = 0; i < y.size(); ++i) sum += double(y.data()[i]);
   MPI_Allreduce(MPI_IN_PLACE, &sum, 1, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
 
-  // docs/distributed.md: besides a few words of agreement, a causal pass sends one state per
-  // scan round, ceil(log2 P) rounds and one shift to the next rank.
-  const double state = double(layer.makeState(1, kattn::StreamingMode::Exact).toBytes().size());
+  // docs/distributed.md ("What a state weighs"): besides a few words of agreement, a causal
+  // pass sends one state per scan round, ceil(log2 P) rounds and one shift to the next rank;
+  // a state holds per (b, n) the running sums and, for a finite window of W chunks, at most
+  // 2W more terms of F (d_v + 1) numbers.
+  const double F = 64, dv = 64, N = 8, B = 1;
+  const double terms = window > 0 ? 2.0 * window + 1 : 1.0;
+  const double state = 96 + B * sizeof(float) + B * N * (24 + sizeof(float) * terms * F * (dv + 1));
   int rounds = 0;
   for (int d = 1; d < size; d *= 2) ++rounds;
   const double formula = size > 1 ? state * (rounds + 1) : 0;

@@ -958,6 +958,39 @@ TEST(KattnRunMpi, GoldenCasesOverThreeRanks) {
   }
 }
 
+/// --mpi --state-out: the state after a split prefill goes on in a single-process --stream call,
+/// and the rows that call gives are the golden whole pass's.
+TEST(KattnRunMpi, StateAfterASplitPrefillGoesOnInAStream) {
+  const GoldenCase gc("causal_elu_noproj_c1_w100_nodecay_nopad_tailmask");
+  TempDir dir("kattn_run_mpi_state");
+  writeLayerFiles(gc, dir);
+  const auto query = gc.tensor<double, 3>("query"), value = gc.tensor<double, 3>("value");
+  const auto mask = gc.tensor<double, 2>("attention_mask");
+  const Index T = query.dimension(1), tail = 2;
+  auto write = [&](Index t0, Index n) {
+    SafeTensorsWriter in;
+    in.add("query", rows(query, t0, n));
+    in.add("value", rows(value, t0, n));
+    in.add("attention_mask", rows(mask, t0, n));
+    in.write(dir.file("in.safetensors"));
+  };
+  write(0, T - tail);
+  std::string cmd = KATTN_MPIEXEC;
+  for (const auto& a : baseArgs(dir, "float64")) cmd += " " + shellQuote(a);
+  cmd += " --mpi --state-out " + shellQuote(dir.file("state")) + " 2>" +
+         shellQuote(dir.file("stderr.txt"));
+  ASSERT_EQ(std::system(cmd.c_str()), 0) << readAll(dir.file("stderr.txt"));
+  const auto prefill = SafeTensors::load(dir.file("out.safetensors"));
+  EXPECT_TRUE(prefill.contains("cache/kv") && prefill.contains("cache/k_sum"));
+  write(T - tail, tail);
+  std::vector<std::string> args = baseArgs(dir, "float64");
+  args.insert(args.end(), {"--stream", "--state-in", dir.file("state")});
+  expectSuccess(runCli(args, dir));
+  const auto got = SafeTensors::load(dir.file("out.safetensors")).tensor<double, 3>("output");
+  const auto want = rows(gc.tensor<double, 3>("expected/output"), T - tail, tail);
+  EXPECT_LE(kattn_test::relativeError(got, want), toleranceFor("float64"));
+}
+
 /// A failure under --mpi is one line, from rank 0 only, with the code of the single-process
 /// run; --slices that do not add up is such a failure.
 TEST(KattnRunMpi, ErrorsComeFromRankZeroOnce) {

@@ -68,21 +68,6 @@ double relError(const kattn::Tensor<A, R>& a, const kattn::Tensor<B, R>& ref) {
   return relError(a.data(), ref.data(), ref.size());
 }
 
-kattn::Weights<float> toFloat(const kattn::Weights<double>& w) {
-  kattn::Weights<float> f;
-  f.query_kernel = w.query_kernel.cast<float>();
-  f.query_bias = w.query_bias.cast<float>();
-  f.key_kernel = w.key_kernel.cast<float>();
-  f.key_bias = w.key_bias.cast<float>();
-  f.value_kernel = w.value_kernel.cast<float>();
-  f.value_bias = w.value_bias.cast<float>();
-  f.output_kernel = w.output_kernel.cast<float>();
-  f.output_bias = w.output_bias.cast<float>();
-  f.output_softmax_kernel = w.output_softmax_kernel.cast<float>();
-  f.output_softmax_bias = w.output_softmax_bias.cast<float>();
-  return f;
-}
-
 /**
  * Rank r's partial becomes the state of slices 0..r: the Hillis-Steele inclusive scan, as P
  * ranks run it. In round j (distance d = 2^j) every rank r >= d receives rank r - d's partial
@@ -250,7 +235,7 @@ int run(Index P) {
     l64.initializeWeights(kModelDim, kModelDim);
     Layer<float> l32(config(kHeads, kKeyDim, kind));
     l32.setThreads(1);
-    l32.setWeights(toFloat(l64.weights()));
+    l32.setWeights(kattn::castWeights<float>(l64.weights()));
     const kattn::Tensor<double, 3> whole64 = l64.forward(x64, x64);
     const kattn::Tensor<float, 3> whole32 = l32.forward(x32, x32);
 

@@ -120,21 +120,6 @@ kattn::LayerConfig config(const Case& c) {
   return config;
 }
 
-kattn::Weights<float> toFloat(const kattn::Weights<double>& w) {
-  kattn::Weights<float> f;
-  f.query_kernel = w.query_kernel.cast<float>();
-  f.query_bias = w.query_bias.cast<float>();
-  f.key_kernel = w.key_kernel.cast<float>();
-  f.key_bias = w.key_bias.cast<float>();
-  f.value_kernel = w.value_kernel.cast<float>();
-  f.value_bias = w.value_bias.cast<float>();
-  f.output_kernel = w.output_kernel.cast<float>();
-  f.output_bias = w.output_bias.cast<float>();
-  f.output_softmax_kernel = w.output_softmax_kernel.cast<float>();
-  f.output_softmax_bias = w.output_softmax_bias.cast<float>();
-  return f;
-}
-
 /// The float64 layer of a case, with its weights drawn; the float32 one takes them cast.
 Layer<double> layer64(const Case& c) {
   Layer<double> layer(config(c));
@@ -221,7 +206,7 @@ TEST(ScanSimulation, TreeScanGivesTheWholePassInFloat32) {
     const Layer<double> l64 = layer64(c);
     Layer<float> l32(config(c));
     l32.setThreads(1);
-    l32.setWeights(toFloat(l64.weights()));
+    l32.setWeights(kattn::castWeights<float>(l64.weights()));
     const Tensor3<double> x64 = input(c);
     const Tensor3<float> x32 = x64.cast<float>();
     const Tensor3<double> whole64 = l64.forward(x64, x64);

@@ -35,6 +35,23 @@ struct Weights {
   Tensor<Scalar, 1> output_softmax_bias;    ///< `attention_output_softmax/bias` [O]
 };
 
+/// The same weights in another scalar type (e.g. a float layer from a double one's weights).
+template <typename To, typename From>
+Weights<To> castWeights(const Weights<From>& w) {
+  Weights<To> out;
+  out.query_kernel = w.query_kernel.template cast<To>();
+  out.query_bias = w.query_bias.template cast<To>();
+  out.key_kernel = w.key_kernel.template cast<To>();
+  out.key_bias = w.key_bias.template cast<To>();
+  out.value_kernel = w.value_kernel.template cast<To>();
+  out.value_bias = w.value_bias.template cast<To>();
+  out.output_kernel = w.output_kernel.template cast<To>();
+  out.output_bias = w.output_bias.template cast<To>();
+  out.output_softmax_kernel = w.output_softmax_kernel.template cast<To>();
+  out.output_softmax_bias = w.output_softmax_bias.template cast<To>();
+  return out;
+}
+
 namespace detail {
 
 inline void requireEmpty(const char* name, Index size) {

@@ -47,7 +47,9 @@ class ChunkWindow {
       m_state.windowSum(m_gamma, m_sum, m_z_sum);
     }
   }
+  /// The window's matrix sum after the last push.
   const Matrix<Scalar>& sum() const { return m_sliding ? m_sum : m_state.kv; }
+  /// The window's vector sum after the last push.
   const Vector<Scalar>& zSum() const { return m_sliding ? m_z_sum : m_state.z; }
 
  private:

@@ -27,7 +27,8 @@ namespace kattn {
 namespace detail {
 
 /// One call of the core backward. Heads are row-major [B, L, N, h]; the gradients are added
-/// to (the caller zeroes them).
+/// to (the caller zeroes them), except that the causal backward overwrites dk and dv, which
+/// it uses as scratch between its two walks (detail/causal_backward.hpp).
 template <typename Scalar>
 struct CoreGradCall {
   HeadDims dims;

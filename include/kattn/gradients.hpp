@@ -1,9 +1,10 @@
 #pragma once
 /// \file
-/// Gradients of the bidirectional layer in inference mode (docs/training.md): `backward` for
-/// the whole layer, `attendBackward` for the core on heads the caller projected. Both
-/// recompute the forward from its inputs, so nothing but the inputs needs to be kept between
-/// forward and backward.
+/// Gradients of the layer in inference mode (docs/training.md), bidirectional or causal:
+/// `backward` for the whole layer, `attendBackward` for the core on heads the caller
+/// projected. Both recompute the forward from its inputs, so nothing but the inputs needs to
+/// be kept between forward and backward; the causal core's backward holds, beyond inputs and
+/// outputs, memory bounded in T (detail/causal_backward.hpp).
 ///
 /// Conventions (the reference's TensorFlow graph, differentiated): the random projection is a
 /// constant; expplus's coefficients A, B, D are constants (TF's stop_gradient); the exp
@@ -23,6 +24,7 @@
 #include "core.hpp"
 #include "detail/backward_core.hpp"
 #include "detail/call_checks.hpp"
+#include "detail/causal_backward.hpp"
 #include "layer.hpp"
 #include "tensor.hpp"
 #include "weights.hpp"
@@ -101,12 +103,21 @@ void requireFinite(const char* what, const Scalar* p, Index n) {
 }
 
 /// The core backward call of `layer` for B rows of T queries and S keys, without data.
-template <typename Scalar, typename FeatureMap>
-CoreGradCall<Scalar> gradCall(const KernelAttention<Scalar, FeatureMap, Bidirectional>& layer,
+/// \throws std::invalid_argument where the causal forward would: S != T, or a T that breaks
+/// the chunks without padding.
+template <typename Scalar, typename FeatureMap, typename Masking>
+CoreGradCall<Scalar> gradCall(const KernelAttention<Scalar, FeatureMap, Masking>& layer,
                               Index B, Index T, Index S, const Scalar* mask) {
   static_assert(has_feature_backward_v<FeatureMap>,
                 "kattn's backward knows the derivatives of the seven built-in feature maps only.");
   const LayerConfig& c = layer.config();
+  if constexpr (Masking::causal) {
+    if (S != T) {
+      throw std::invalid_argument("k: causal attention needs as many keys as queries (T = " +
+                                  std::to_string(T) + ", S = " + std::to_string(S) + ")");
+    }
+    (void)layer.masking().leadingPad(T);
+  }
   CoreGradCall<Scalar> call;
   call.dims = HeadDims{layer.numHeads(), layer.keyDim(), layer.valueDim()};
   call.B = B;
@@ -127,6 +138,18 @@ CoreGradCall<Scalar> gradCall(const KernelAttention<Scalar, FeatureMap, Bidirect
   return call;
 }
 
+/// The core backward of `layer`'s masking.
+template <typename Scalar, typename FeatureMap, typename Masking>
+void layerCoreBackward(const KernelAttention<Scalar, FeatureMap, Masking>& layer,
+                       const CoreGradCall<Scalar>& call) {
+  if constexpr (Masking::causal) {
+    causalCoreBackward<FeatureMap>(call, layer.masking());
+  } else {
+    (void)layer;
+    coreBackward<FeatureMap>(call);
+  }
+}
+
 /// A zeroed tensor of the given dims.
 template <typename Scalar, int Rank>
 Tensor<Scalar, Rank> zeros(const std::array<Index, Rank>& dims) {
@@ -140,21 +163,25 @@ Tensor<Scalar, Rank> zeros(const std::array<Index, Rank>& dims) {
 /**
  * \brief The backward of attend() (inference mode): the gradients of a loss with respect to
  * the heads q, k, v, given its gradient with respect to attend's output heads.
- * \param layer a bidirectional layer (its map, projection, scale, begin_kernel, is_short_seq)
+ * \param layer the layer whose attend() ran: bidirectional (map, projection, scale,
+ *        begin_kernel, is_short_seq) or causal (also chunks, window, decay, padding)
  * \param q [B, T, N, d]
  * \param k [B, S, N, d]
  * \param v [B, S, N, d_v]
  * \param attention_mask [B, S] or std::nullopt, as given to attend()
  * \param grad_heads [B, T, N, d_v], d loss / d heads; finite
  * \throws std::invalid_argument naming the tensor on a shape error or a non-finite grad_heads,
- *         and where attend() would (scale_by_length without a fitting mask).
+ *         and where attend() would (scale_by_length without a fitting mask; causal: S != T,
+ *         or T not a multiple of the chunk without padding).
  * \note Recomputes the forward. Cost about three forwards, O(B N (T + S) F (d + d_v)) in the
  *       low-rank form; beyond its inputs and outputs it holds O(F d_v) and a block of rows
  *       per head task (the explicit and short forms: a [T, S] matrix, as their forwards).
+ *       Causal: per head task a block of rows and the window's chunk terms, O(W F d_v) for a
+ *       window of W chunks shorter than the sequence, else O(F d_v); nothing grows with T.
  */
-template <typename Scalar, typename FeatureMap>
+template <typename Scalar, typename FeatureMap, typename Masking>
 HeadGradients<Scalar> attendBackward(
-    const KernelAttention<Scalar, FeatureMap, Bidirectional>& layer,
+    const KernelAttention<Scalar, FeatureMap, Masking>& layer,
     const ConstTensorMap<detail::NoDeduce<Scalar>, 4>& q,
     const ConstTensorMap<detail::NoDeduce<Scalar>, 4>& k,
     const ConstTensorMap<detail::NoDeduce<Scalar>, 4>& v,
@@ -181,7 +208,7 @@ HeadGradients<Scalar> attendBackward(
   call.dq = out.q.data();
   call.dk = out.k.data();
   call.dv = out.v.data();
-  detail::coreBackward<FeatureMap>(call);
+  detail::layerCoreBackward(layer, call);
   return out;
 }
 
@@ -189,7 +216,7 @@ HeadGradients<Scalar> attendBackward(
  * \brief The backward of the layer's forward in inference mode (training = false): the
  * gradients of a loss with respect to the inputs and every weight, given its gradient with
  * respect to the output.
- * \param layer a bidirectional layer with weights
+ * \param layer a bidirectional or causal layer with weights
  * \param query [B, T, D_q]
  * \param value [B, S, D_v]
  * \param key [B, S, D_k], or std::nullopt when the value input is also the key input (its
@@ -202,9 +229,9 @@ HeadGradients<Scalar> attendBackward(
  *       gradients and the output-sized grad_output it holds the projected heads q, k, v, the
  *       attention heads and their gradients, O(B (T + S) N (d + d_v)), plus the core's work.
  */
-template <typename Scalar, typename FeatureMap>
+template <typename Scalar, typename FeatureMap, typename Masking>
 Gradients<Scalar> backward(
-    const KernelAttention<Scalar, FeatureMap, Bidirectional>& layer,
+    const KernelAttention<Scalar, FeatureMap, Masking>& layer,
     const ConstTensorMap<detail::NoDeduce<Scalar>, 3>& query,
     const ConstTensorMap<detail::NoDeduce<Scalar>, 3>& value,
     const std::optional<ConstTensorMap<detail::NoDeduce<Scalar>, 3>>& key,
@@ -221,7 +248,7 @@ Gradients<Scalar> backward(
   const Weights<Scalar>& W = layer.weights();
   const LayerConfig& c = layer.config();
   const detail::CallInputs<Scalar> in = detail::inputsCall<Scalar>(
-      query, value, key, attention_mask, false, layer.queryInputDim(), layer.valueInputDim(),
+      query, value, key, attention_mask, Masking::causal, layer.queryInputDim(), layer.valueInputDim(),
       layer.keyInputDim());
   const Index B = in.B, T = in.T, S = in.S, O = layer.outputDim();
   const Index N = layer.numHeads(), Nd = N * layer.keyDim(), Ndv = N * layer.valueDim();
@@ -263,7 +290,7 @@ Gradients<Scalar> backward(
   call.dk = dk.data();
   call.dv = dv.data();
   call.heads = heads.data();
-  detail::coreBackward<FeatureMap>(call);
+  detail::layerCoreBackward(layer, call);
 
   Gradients<Scalar> g;
   g.has_biases = c.use_bias;

@@ -27,7 +27,8 @@ namespace kattn {
 namespace detail {
 
 /// One call of the core backward. Heads are row-major [B, L, N, h]; the gradients are added
-/// to (the caller zeroes them).
+/// to (the caller zeroes them), except that the causal backward overwrites dk and dv, which
+/// it uses as scratch between its two walks (detail/causal_backward.hpp).
 template <typename Scalar>
 struct CoreGradCall {
   HeadDims dims;
@@ -294,10 +295,16 @@ void scanSides(HeadJob<Scalar>& j, std::vector<ArgMax<Scalar>>& qmax,
   }
 }
 
-/// One part of the core backward: query rows [q0, q1) through `Map` (the short-sequence
-/// softmax when `short_path`), against all keys.
-template <typename Map, typename Scalar>
-void backwardPart(const CoreGradCall<Scalar>& call, bool short_path, Index q0, Index q1) {
+/**
+ * Runs `kernel` on one HeadJob per (batch row, head) of query rows [q0, q1) through `Map`
+ * (factors of the short-sequence softmax when `short_path`), on the pool when `flops` is
+ * worth it: first the stabilisers the forward took over whole rows (and expplus's
+ * coefficients), then the jobs, then the stabilisers' gradients, added in a fixed order
+ * after the parallel part.
+ */
+template <typename Map, typename Scalar, typename Kernel>
+void runHeadJobs(const CoreGradCall<Scalar>& call, bool short_path, Index q0, Index q1,
+                 double flops, const Kernel& kernel) {
   using Traits = feature_map_traits<Map>;
   const Index B = call.B, N = call.dims.heads, d = call.dims.key_dim, S = call.S;
   const Matrix<Scalar>* P = call.projection;
@@ -335,21 +342,7 @@ void backwardPart(const CoreGradCall<Scalar>& call, bool short_path, Index q0, I
       }
     }
   }
-  const Index Tq = q1 - q0, F = featureDim(d, P), dv = call.dims.value_dim;
-  const bool quadratic =
-      short_path || (call.form == CoreForm::Auto ? explicitIsCheaper(Tq, S, F, dv)
-                                                 : call.form == CoreForm::Explicit);
-  const double flops = 6.0 * double(B * N) * double(Tq + S) * double(F) * double(d + dv) *
-                       (quadratic ? double(std::max<Index>(1, std::min(Tq, S))) : 1.0);
-  forEach(B * N, poolFor(call.pool, flops), [&](Index i) {
-    HeadJob<Scalar>& j = jobs[std::size_t(i)];
-    if (quadratic) {
-      quadraticBackward<Map>(j, short_path);
-    } else {
-      lowRankBackward<Map>(j);
-    }
-  });
-  // The stabilisers' gradients, added in a fixed order after the parallel part.
+  forEach(B * N, poolFor(call.pool, flops), [&](Index i) { kernel(jobs[std::size_t(i)]); });
   if constexpr (Traits::max_shifted) {
     for (Index b = 0; b < B; ++b) {
       Scalar dq_shift = 0, dk_shift = 0;
@@ -366,6 +359,27 @@ void backwardPart(const CoreGradCall<Scalar>& call, bool short_path, Index q0, I
     const Scalar c = Scalar(1) / std::sqrt(std::sqrt(Scalar(d)));
     if (P) addMaxGradient(key_max, total, P, c, call.dk, S, N, d, rk);
   }
+}
+
+/// One part of the core backward: query rows [q0, q1) through `Map` (the short-sequence
+/// softmax when `short_path`), against all keys.
+template <typename Map, typename Scalar>
+void backwardPart(const CoreGradCall<Scalar>& call, bool short_path, Index q0, Index q1) {
+  const Index Tq = q1 - q0, S = call.S, d = call.dims.key_dim, dv = call.dims.value_dim;
+  const Index F = featureDim(d, call.projection);
+  const bool quadratic =
+      short_path || (call.form == CoreForm::Auto ? explicitIsCheaper(Tq, S, F, dv)
+                                                 : call.form == CoreForm::Explicit);
+  const double flops = 6.0 * double(call.B * call.dims.heads) * double(Tq + S) * double(F) *
+                       double(d + dv) *
+                       (quadratic ? double(std::max<Index>(1, std::min(Tq, S))) : 1.0);
+  runHeadJobs<Map>(call, short_path, q0, q1, flops, [&](HeadJob<Scalar>& j) {
+    if (quadratic) {
+      quadraticBackward<Map>(j, short_path);
+    } else {
+      lowRankBackward<Map>(j);
+    }
+  });
 }
 
 /// The whole core backward: begin_kernel's softmax part (identity features, short path) for

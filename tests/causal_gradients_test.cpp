@@ -758,61 +758,6 @@ TEST(CausalGradients, ResultsDoNotDependOnTheThreadCount) {
 
 // ---- memory ----------------------------------------------------------------------------------
 
-/// A field of /proc/self/status in bytes (VmRSS, VmHWM), or -1 where there is none.
-double statusBytes(const std::string& field) {
-  std::FILE* f = std::fopen("/proc/self/status", "r");
-  if (!f) return -1;
-  char line[256];
-  double kib = -1;
-  while (std::fgets(line, sizeof line, f)) {
-    if (std::string(line).rfind(field + ":", 0) == 0) kib = std::atof(line + field.size() + 1);
-  }
-  std::fclose(f);
-  return kib * 1024;
-}
-
-/// Resets the peak resident size (Linux: VmHWM). False where the kernel does not allow it.
-bool resetPeak() {
-  std::FILE* f = std::fopen("/proc/self/clear_refs", "w");
-  if (!f) return false;
-  const bool ok = std::fputs("5", f) >= 0;
-  return std::fclose(f) == 0 && ok;
-}
-
-TEST(CausalGradients, AttendBackwardMemoryStaysBoundedInT) {
-  // The resident peak of attendBackward above what was resident before it, minus the gradients
-  // it returns, at T = 10^5 and 10^6: a buffer of one number per row and head would be 8 MB at
-  // 10^6, a T x F x d_v tensor gigabytes.
-  if (statusBytes("VmHWM") < 0 || !resetPeak()) GTEST_SKIP() << "no /proc/self peak to reset";
-  for (const Causality& k : {Causality{4, 3, 0.9, "left"}, Causality{1, kNoWindow, 0.0, "none"}}) {
-    kattn::LayerConfig c = causalConfig("relu", 8, k);
-    c.key_dim = 4;
-    c.value_dim = 4;
-    kattn::KernelAttention<float, kattn::Relu, kattn::CausalWindowed> layer(c);
-    layer.setThreads(1);
-    for (Index T : {Index(100000), Index(1000000) + 1}) {
-      std::mt19937_64 gen(3);
-      std::normal_distribution<float> nd(0.5f, 1.0f);
-      auto heads = [&](Index h) {
-        Tensor<float, 4> x(1, T, kN, h);
-        for (Index i = 0; i < x.size(); ++i) x.data()[i] = nd(gen);
-        return x;
-      };
-      const Tensor<float, 4> q = heads(4), kk = heads(4), v = heads(4), g = heads(4);
-      ASSERT_TRUE(resetPeak());
-      const double before = statusBytes("VmRSS");
-      const kattn::HeadGradients<float> hg = kattn::attendBackward(layer, q, kk, v, std::nullopt, g);
-      const double peak = statusBytes("VmHWM");
-      const double returned = double(hg.q.size() + hg.k.size() + hg.v.size()) * sizeof(float);
-      const double extra = peak - before - returned;
-      std::printf("%s T=%lld: peak above inputs %.1f MiB, gradients %.1f MiB, rest %.2f MiB\n",
-                  label("relu", 8, k, false).c_str(), (long long)T, (peak - before) / (1 << 20),
-                  returned / (1 << 20), extra / (1 << 20));
-      EXPECT_LT(extra, 4.0 * (1 << 20)) << "T = " << T;
-    }
-  }
-}
-
 // ---- the error paths ---------------------------------------------------------------------
 
 template <typename F>

@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <cstddef>
 #include <functional>
+#include <optional>
 #include <string>
 
 #include <kattn/kattn.hpp>
@@ -209,6 +210,43 @@ TEST_F(MemoryBudget, DecodeStepsAllocateNothing) {
       EXPECT_EQ(g_allocations.load(), 0)
           << (mode == kattn::StreamingMode::Exact ? "exact" : "recurrent") << ", " << threads
           << " threads";
+    }
+  }
+}
+
+/// The causal backward holds no buffer that grows with T (issue 26): at T = 10^5 and 10^6 the
+/// heap's peak during attendBackward, less the gradients it returns, stays under 4 MiB,
+/// where one number per row and head would be 8 MB at 10^6 and a T x F x d_v tensor gigabytes.
+TEST_F(MemoryBudget, CausalBackwardIsBoundedInT) {
+  struct Shape {
+    int chunk, window;
+    std::optional<double> decay;
+    const char* padding;
+  };
+  for (const Shape& sh : {Shape{4, 3, 0.9, "left"}, Shape{1, kattn::kUnboundedWindow, {}, "none"}}) {
+    kattn::LayerConfig c = config("relu", 8);
+    c.num_heads = 2;
+    c.key_dim = 4;
+    c.value_dim = 4;
+    c.use_causal_windowed = true;
+    c.causal_chunk_length = sh.chunk;
+    c.causal_window_length = sh.window;
+    c.causal_window_decay = sh.decay;
+    c.causal_padding = sh.padding;
+    kattn::CausalKernelAttention<float, kattn::Relu> layer(c);
+    layer.setThreads(1);
+    for (Index T : {Index(100000), Index(1000000) + 1}) {
+      kattn::Tensor<float, 4> q(1, T, 2, 4), k(1, T, 2, 4), v(1, T, 2, 4), g(1, T, 2, 4);
+      for (auto* t : {&q, &k, &v, &g}) {
+        for (Index i = 0; i < t->size(); ++i) t->data()[i] = float((i * 7919) % 1000) / 1000.0f;
+      }
+      std::optional<kattn::HeadGradients<float>> hg;
+      const double peak =
+          peakBytes([&] { hg = kattn::attendBackward(layer, q, k, v, std::nullopt, g); });
+      const double returned = double(hg->q.size() + hg->k.size() + hg->v.size()) * sizeof(float);
+      std::printf("causal backward C=%d T=%lld: heap peak %.2f MiB, of it gradients %.2f MiB\n",
+                  sh.chunk, (long long)T, peak / (1 << 20), returned / (1 << 20));
+      EXPECT_LT(peak - returned, 4.0 * (1 << 20)) << "C = " << sh.chunk << ", T = " << T;
     }
   }
 }

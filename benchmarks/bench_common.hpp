@@ -164,6 +164,7 @@ void registerGemm();
 void registerBidirectional();
 void registerCausal();
 void registerLayer();
+void registerGradients();
 void registerMemory();
 void registerFloor();
 void registerServing();

@@ -1,8 +1,8 @@
 /// \file
 /// kattn_bench's entry point: registers every benchmark (in the order of issue 8's workloads:
-/// the GEMM ceiling first, then W1 to W6, the memory case and the decode step's floor) and
-/// records in the JSON context what the numbers depend on (thread count, Eigen's SIMD,
-/// -march=native).
+/// the GEMM ceiling first, then W1 to W6, the gradients G1, G3 and G6 of issue 26, the memory
+/// case and the decode step's floor) and records in the JSON context what the numbers depend
+/// on (thread count, Eigen's SIMD, -march=native).
 
 #include <Eigen/Core>
 
@@ -26,6 +26,7 @@ int main(int argc, char** argv) {
   kattn_bench::registerCausal();
   kattn_bench::registerServing();
   kattn_bench::registerLayer();
+  kattn_bench::registerGradients();
   kattn_bench::registerMemory();
   kattn_bench::registerFloor();
   benchmark::RunSpecifiedBenchmarks();

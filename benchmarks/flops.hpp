@@ -98,6 +98,42 @@ constexpr double layer(double B, double N, double T, double D, double d, double 
   return projections + bidirectionalCore(B, N, T, T, d, m, dv, projected) + output;
 }
 
+/**
+ * The backward of bidirectionalCore, all heads: from d out [T, d_v] per head to d q, d k,
+ * d v. The normaliser is one more value column, as in the forward: with v~ = [v, 1] (d_v + 1
+ * columns) and KV~ = k'^T v~ [m, d_v + 1], the backward's products per head are
+ * - d q' = d out~ KV~^T: 2 T m (d_v + 1);
+ * - d KV~ = q'^T d out~: 2 T m (d_v + 1);
+ * - d k' = v~ d KV~^T: 2 S m (d_v + 1);
+ * - d v = k' d KV (the value columns only): 2 S m d_v;
+ * - with a projection, back through the feature products: d q = (d q' f') P and
+ *   d k = (d k' f') P, 2 T m d + 2 S m d.
+ * Not counted, as in the forward: the elementwise work (the derivative of the map, of the
+ * division by the normaliser, the exp maps' shifts and expplus's statistics), and the forward
+ * an implementation recomputes inside its backward instead of storing it (kattn does: that is
+ * its own cost, not the algorithm's). So the essential forward plus backward is about 3 times
+ * the forward, and a training step that ran at the forward's rate would take 3 forwards.
+ */
+constexpr double bidirectionalCoreBackward(double B, double N, double T, double S, double d,
+                                           double m, double dv, bool projected) {
+  const double features = projected ? 2 * T * m * d + 2 * S * m * d : 0;
+  return B * N *
+         (features + 2 * 2 * T * m * (dv + 1) + 2 * S * m * (dv + 1) + 2 * S * m * dv);
+}
+
+/**
+ * The backward of `layer` (self-attention, S = T): each dense layer's backward is two products
+ * the size of its forward (d W = x^T d h and d x = d h W^T), so twice the projections and the
+ * output projection, plus the core's backward. Bias gradients (column sums) and the sum of the
+ * query, key and value inputs' gradients (x is all three) are not counted.
+ */
+constexpr double layerBackward(double B, double N, double T, double D, double d, double m,
+                               double dv, double O, bool projected) {
+  const double projections = B * (2 * dense(T, D, N * d) + dense(T, D, N * dv));
+  const double output = B * dense(T, N * dv, O);
+  return 2 * (projections + output) + bidirectionalCoreBackward(B, N, T, T, d, m, dv, projected);
+}
+
 /// SGEMM [M, K] x [K, N]: 2 M K N.
 constexpr double gemm(double M, double K, double N) { return 2 * M * K * N; }
 

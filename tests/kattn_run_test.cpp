@@ -1,12 +1,15 @@
 // tools/kattn-run, run as a separate process: the golden cases converted to its file contract
 // (call mode, recurrent streaming through cache tensors, exact streaming through state
-// files), the seed's projection, and one test per class of malformed input or command line.
+// files), the seed's projection, --backward (against kattn::backward in process and central
+// differences of kattn-run's own forward), and one test per class of malformed input or
+// command line.
 #include <gtest/gtest.h>
 
 #include <sys/wait.h>
 
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -14,6 +17,7 @@
 #include <functional>
 #include <initializer_list>
 #include <random>
+#include <set>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -605,6 +609,7 @@ TEST(KattnRun, Help) {
     EXPECT_NE(r.out.find("usage: kattn-run --config FILE"), std::string::npos) << r.out;
     EXPECT_NE(r.out.find("--state-out"), std::string::npos);
     EXPECT_NE(r.out.find("--weights-naming"), std::string::npos);
+    EXPECT_NE(r.out.find("--backward"), std::string::npos);
     EXPECT_TRUE(r.err.empty()) << r.err;
   }
 }
@@ -914,6 +919,333 @@ TEST_F(KattnRunBadInput, StreamingMistakes) {
   EXPECT_EQ(r.err.find('\n'), r.err.size() - 1) << r.err;
 }
 
+
+// ---------------------------------------------------------------------------------------
+// --backward
+
+/// A [B, T, O] upstream gradient with entries uniform on [-1, 1], fixed by `seed`.
+Tensor<double, 3> randomGradOutput(Index B, Index T, Index O, unsigned seed) {
+  std::mt19937 gen(seed);
+  std::uniform_real_distribution<double> u(-1.0, 1.0);
+  Tensor<double, 3> g(B, T, O);
+  for (Index i = 0; i < g.size(); ++i) g.data()[i] = u(gen);
+  return g;
+}
+
+/// A golden case's inputs (query, value, key and mask where it has them) added to `in`.
+void addCaseInputs(const GoldenCase& gc, SafeTensorsWriter& in) {
+  for (const char* input : {"query", "value", "key", "attention_mask"}) {
+    if (gc.has(input)) copyTensor(gc.data, input, in);
+  }
+}
+
+/// The weights under "grad/" and their Keras names, as --backward writes their gradients.
+kattn::io::WeightNaming gradNaming(kattn::io::WeightNaming naming) {
+  naming.setPrefix("grad/" + naming.prefix());
+  return naming;
+}
+
+/// Σ grad ⊙ output: a loss whose gradient with respect to the output is `grad`.
+double lossOf(const Tensor<double, 3>& output, const Tensor<double, 3>& grad) {
+  double l = 0;
+  for (Index i = 0; i < output.size(); ++i) l += output.data()[i] * grad.data()[i];
+  return l;
+}
+
+void expectWeightsEqual(const kattn::Weights<double>& got, const kattn::Weights<double>& want,
+                        double tol) {
+  auto same = [tol](const char* name, const auto& a, const auto& b) {
+    SCOPED_TRACE(name);
+    ASSERT_EQ(a.dimensions(), b.dimensions());
+    EXPECT_LE(kattn_test::relativeError(a, b), tol);
+  };
+  same("query/kernel", got.query_kernel, want.query_kernel);
+  same("query/bias", got.query_bias, want.query_bias);
+  same("key/kernel", got.key_kernel, want.key_kernel);
+  same("key/bias", got.key_bias, want.key_bias);
+  same("value/kernel", got.value_kernel, want.value_kernel);
+  same("value/bias", got.value_bias, want.value_bias);
+  same("attention_output/kernel", got.output_kernel, want.output_kernel);
+  same("attention_output/bias", got.output_bias, want.output_bias);
+  same("attention_output_softmax/kernel", got.output_softmax_kernel, want.output_softmax_kernel);
+  same("attention_output_softmax/bias", got.output_softmax_bias, want.output_softmax_bias);
+}
+
+/// A golden case with --backward in float64: its files in `dir`, the run's output file.
+struct BackwardRun {
+  Tensor<double, 3> grad_output;
+  std::optional<SafeTensors> out;  // absent when the run failed (reported)
+};
+
+BackwardRun runBackwardCase(const GoldenCase& gc, const TempDir& dir) {
+  writeLayerFiles(gc, dir);
+  const auto want = gc.tensor<double, 3>("expected/output");
+  BackwardRun run;
+  run.grad_output = randomGradOutput(want.dimension(0), want.dimension(1), want.dimension(2), 7);
+  SafeTensorsWriter in;
+  addCaseInputs(gc, in);
+  in.add("grad/output", run.grad_output);
+  in.write(dir.file("in.safetensors"));
+  auto args = baseArgs(dir, "float64");
+  args.push_back("--backward");
+  const RunResult r = runCli(args, dir);
+  expectSuccess(r);
+  if (r.code == 0) run.out.emplace(SafeTensors::load(dir.file("out.safetensors")));
+  return run;
+}
+
+// Two noncausal golden cases: a separate key input, a mask and a projection (exp, m = 32), and
+// the value input as the key input (square, no projection).
+const char* const kBackwardCases[] = {"noncausal_exp_M32_cross_tailmask_s0.35",
+                                      "noncausal_square_noproj_tailmask"};
+
+TEST(KattnRunBackward, EqualsKattnBackwardInProcess) {
+  for (const char* name : kBackwardCases) {
+    SCOPED_TRACE(name);
+    const GoldenCase gc(name);
+    TempDir dir("kattn_run_backward");
+    const BackwardRun run = runBackwardCase(gc, dir);
+    if (!run.out) continue;
+    const SafeTensors& out = *run.out;
+    EXPECT_LE(kattn_test::relativeError(out.tensor<double, 3>("output"),
+                                        gc.tensor<double, 3>("expected/output")),
+              1e-10);
+
+    const auto query = gc.tensor<double, 3>("query");
+    const auto value = gc.tensor<double, 3>("value");
+    std::optional<Tensor<double, 3>> key;
+    std::optional<Tensor<double, 2>> mask;
+    if (gc.has("key")) key = gc.tensor<double, 3>("key");
+    if (gc.has("attention_mask")) mask = gc.tensor<double, 2>("attention_mask");
+    std::optional<kattn::ConstTensorMap<double, 3>> key_view;
+    std::optional<kattn::ConstTensorMap<double, 2>> mask_view;
+    if (key) key_view.emplace(*key);
+    if (mask) mask_view.emplace(*mask);
+    kattn::detail::visitFeatureMap(gc.config.feature_transform, [&](auto map) {
+      kattn::KernelAttention<double, decltype(map), kattn::Bidirectional> layer(gc.config);
+      layer.setWeights(kattn::io::loadWeights<double>(gc.data, gc.config));
+      if (auto P = kattn::io::loadProjection<double>(gc.data, gc.config)) layer.setProjection(*P);
+      const kattn::Gradients<double> g =
+          kattn::backward(layer, query, value, key_view, mask_view, run.grad_output);
+
+      // The names: output, the inputs' gradients, and grad/ before every name of named().
+      std::set<std::string> want_names = {"output", "grad/query", "grad/value"};
+      if (key) want_names.insert("grad/key");
+      for (const kattn::NamedTensor<double>& t : g.named()) {
+        want_names.insert("grad/" + t.name);
+        if (out.contains("grad/" + t.name)) {
+          EXPECT_EQ(out.info("grad/" + t.name).shape, t.shape) << t.name;
+        }
+      }
+      const std::vector<std::string> names = out.names();
+      EXPECT_EQ(std::set<std::string>(names.begin(), names.end()), want_names);
+
+      auto same = [&](const char* file_name, const Tensor<double, 3>& want) {
+        SCOPED_TRACE(file_name);
+        const auto got = out.tensor<double, 3>(file_name);
+        ASSERT_EQ(got.dimensions(), want.dimensions());
+        EXPECT_LE(kattn_test::relativeError(got, want), 1e-12);
+      };
+      same("grad/query", g.query);
+      same("grad/value", g.value);
+      if (key) same("grad/key", g.key);
+      const kattn::io::WeightNaming keras = gradNaming(kattn::io::WeightNaming::keras());
+      expectWeightsEqual(kattn::io::loadWeights<double>(out, gc.config, keras), g.weights, 1e-12);
+    });
+  }
+}
+
+/// Writes the tensors of `names` that `gc` has to `path` in float64, entry `index` (flat,
+/// row-major) of tensor `target` moved by `delta`.
+template <typename Names>
+void writePerturbed(const GoldenCase& gc, const Names& names, const std::string& target,
+                    Index index, double delta, const std::string& path) {
+  SafeTensorsWriter out;
+  for (const char* name : names) {
+    if (!gc.has(name)) continue;
+    if (name != target) {
+      copyTensor(gc.data, name, out);
+      continue;
+    }
+    auto moved = [&](auto t) {
+      t.data()[index] += delta;
+      out.add(name, t);
+    };
+    switch (gc.data.info(name).shape.size()) {
+      case 1: moved(gc.tensor<double, 1>(name)); break;
+      case 2: moved(gc.tensor<double, 2>(name)); break;
+      case 3: moved(gc.tensor<double, 3>(name)); break;
+      default: FAIL() << name << " has an unexpected rank";
+    }
+  }
+  out.write(path);
+}
+
+TEST(KattnRunBackward, MatchesFiniteDifferencesOfTheForward) {
+  // d L / d x for L = Σ grad/output ⊙ output, by central differences of kattn-run's own
+  // float64 forward (a process per side), on three entries of the input query and of the
+  // weight key/kernel (which reaches the output through the features and the exp map's
+  // stabiliser): where kattn-run's gradient is largest, and two fixed ones. The golden cases
+  // are independent of kattn; these differences are of kattn-run's forward, which the
+  // GoldenCli tests tie to them.
+  const GoldenCase gc(kBackwardCases[0]);
+  ASSERT_EQ(gc.config.feature_transform, "exp");
+  TempDir dir("kattn_run_backward_fd");
+  const BackwardRun run = runBackwardCase(gc, dir);
+  ASSERT_TRUE(run.out);
+  const char* const inputs[] = {"query", "value", "key", "attention_mask"};
+  const std::string weights_file = dir.file("fd_weights.safetensors");
+  const std::string inputs_file = dir.file("fd_in.safetensors");
+  writePerturbed(gc, kWeightNames, "", 0, 0.0, weights_file);
+  writePerturbed(gc, inputs, "", 0, 0.0, inputs_file);
+
+  /// L with the forward of kattn-run on the files as they are now.
+  auto loss = [&]() {
+    std::vector<std::string> args = baseArgs(dir, "float64");
+    args[3] = weights_file;
+    args[5] = inputs_file;
+    const RunResult r = runCli(args, dir);
+    EXPECT_EQ(r.code, 0) << r.err;
+    if (r.code != 0) return std::nan("");
+    return lossOf(SafeTensors::load(dir.file("out.safetensors")).tensor<double, 3>("output"),
+                  run.grad_output);
+  };
+  constexpr double h = 1e-5;
+  struct Checked {
+    std::string tensor;
+    Tensor<double, 3> analytic;
+    bool is_weight;
+  };
+  const Checked checked[] = {
+      {"query", run.out->tensor<double, 3>("grad/query"), false},
+      {"key/kernel", run.out->tensor<double, 3>("grad/key/kernel"), true}};
+  for (const Checked& c : checked) {
+    double scale = 0;  // relative to the largest gradient entry, as relativeError
+    Index largest = 0;
+    for (Index i = 0; i < c.analytic.size(); ++i) {
+      if (std::abs(c.analytic.data()[i]) > scale) largest = i;
+      scale = std::max(scale, std::abs(c.analytic.data()[i]));
+    }
+    ASSERT_GT(scale, 0) << c.tensor;
+    for (const Index i : {largest, Index(1), c.analytic.size() / 2 + 3}) {
+      SCOPED_TRACE(c.tensor + " flat index " + std::to_string(i));
+      double sides[2];
+      for (int side = 0; side < 2; ++side) {
+        const double delta = side == 0 ? h : -h;
+        if (c.is_weight) {
+          writePerturbed(gc, kWeightNames, c.tensor, i, delta, weights_file);
+        } else {
+          writePerturbed(gc, inputs, c.tensor, i, delta, inputs_file);
+        }
+        sides[side] = loss();
+      }
+      writePerturbed(gc, kWeightNames, "", 0, 0.0, weights_file);
+      writePerturbed(gc, inputs, "", 0, 0.0, inputs_file);
+      const double fd = (sides[0] - sides[1]) / (2 * h);
+      std::printf("%s[%lld]: central difference %.12g, --backward %.12g (largest %.3g)\n",
+                  c.tensor.c_str(), static_cast<long long>(i), fd, c.analytic.data()[i], scale);
+      EXPECT_LE(std::abs(fd - c.analytic.data()[i]), 1e-6 * scale)
+          << "central difference " << fd << ", kattn-run --backward " << c.analytic.data()[i]
+          << ", largest |gradient| " << scale;
+    }
+  }
+}
+
+TEST(KattnRunBackward, TorchNamingWritesGradientsUnderTheTorchNames) {
+  // The gradient of a TorchLinear weight is the transpose of the Keras one, as the weight is:
+  // read back under the naming, the two runs' gradients are the same numbers.
+  SmallLayer small;
+  TempDir dir("kattn_run_backward");
+  small.writeAllFiles(dir);
+  SafeTensorsWriter in;
+  in.add("query", small.query);
+  in.add("value", small.value);
+  in.add("grad/output", randomGradOutput(2, 3, 5, 3));
+  in.write(dir.file("in.safetensors"));
+  auto args = baseArgs(dir, "float64");
+  args.push_back("--backward");
+  expectSuccess(runCli(args, dir));
+  const auto keras = SafeTensors::load(dir.file("out.safetensors"));
+  EXPECT_TRUE(keras.contains("grad/query/kernel"));
+  EXPECT_FALSE(keras.contains("grad/key"));  // no key input
+
+  SafeTensorsWriter w;
+  kattn::io::addWeights(w, small.weights, kattn::io::WeightNaming::torch());
+  w.write(dir.file("weights.safetensors"));
+  args.insert(args.end(), {"--weights-naming", "torch"});
+  const RunResult r = runCli(args, dir);
+  expectSuccess(r);
+  if (r.code != 0) return;
+  const auto torch = SafeTensors::load(dir.file("out.safetensors"));
+  EXPECT_EQ(torch.info("grad/to_q.weight").shape, (std::vector<Index>{8, 5}));
+  EXPECT_FALSE(torch.contains("grad/query/kernel"));
+  expectWeightsEqual(
+      kattn::io::loadWeights<double>(torch, small.config,
+                                     gradNaming(kattn::io::WeightNaming::torch())),
+      kattn::io::loadWeights<double>(keras, small.config,
+                                     gradNaming(kattn::io::WeightNaming::keras())),
+      0.0);
+  for (const char* t : {"output", "grad/query", "grad/value"}) {
+    EXPECT_EQ(kattn_test::relativeError(torch.tensor<double, 3>(t), keras.tensor<double, 3>(t)), 0.0)
+        << t;
+  }
+}
+
+TEST(KattnRunBackward, Mistakes) {
+  SmallLayer small;
+  TempDir dir("kattn_run_backward");
+  small.writeAllFiles(dir);
+  auto backward = baseArgs(dir, "float64");
+  backward.push_back("--backward");
+  auto withGrad = [&](const Tensor<double, 3>& grad) {
+    SafeTensorsWriter in;
+    in.add("query", small.query);
+    in.add("value", small.value);
+    in.add("grad/output", grad);
+    in.write(dir.file("in.safetensors"));
+  };
+
+  // Command line (exit 2).
+  auto with = [&](std::initializer_list<std::string> extra) {
+    std::vector<std::string> a = backward;
+    a.insert(a.end(), extra);
+    return a;
+  };
+  expectError(runCli(with({"--stream"}), dir), 2, {"--backward", "not with --stream"});
+  expectError(runCli(with({"--mpi"}), dir), 2, {"--backward", "not with --mpi"});
+  expectError(runCli(with({"--backward"}), dir), 2, {"--backward given twice"});
+  auto flag_with_value = baseArgs(dir, "float64");
+  flag_with_value.push_back("--backward=1");
+  expectError(runCli(flag_with_value, dir), 2, {"--backward takes no value"});
+
+  // grad/output: absent, of another shape, not finite, or given without --backward (exit 1).
+  expectError(runCli(backward, dir), 1, {"missing tensor 'grad/output'", "in.safetensors"});
+  withGrad(Tensor<double, 3>(2, 3, 4).setZero());
+  expectError(runCli(backward, dir), 1,
+              {"in.safetensors", "'grad/output'", "expected shape [2, 3, 5]", "got [2, 3, 4]"});
+  Tensor<double, 3> bad = randomGradOutput(2, 3, 5, 1);
+  bad(1, 2, 0) = std::nan("");
+  withGrad(bad);
+  expectError(runCli(backward, dir), 1, {"'grad/output'", "expected finite values", "index 25"});
+  bad(1, 2, 0) = 0;
+  bad(0, 0, 1) = -INFINITY;
+  withGrad(bad);
+  auto backward32 = backward;
+  backward32[9] = "float32";
+  expectError(runCli(backward32, dir), 1, {"'grad/output'", "got -inf at flat index 1"});
+  withGrad(randomGradOutput(2, 3, 5, 1));
+  expectError(runCli(baseArgs(dir, "float64"), dir), 1,
+              {"'grad/output'", "only with --backward"});
+  expectSuccess(runCli(backward32, dir));
+
+  // Causal layers: not yet.
+  kattn::LayerConfig causal = small.config;
+  causal.use_causal_windowed = true;
+  causal.causal_chunk_length = 1;
+  writeAll(dir.file("layer.json"), kattn::io::configToJson(causal).dump());
+  expectError(runCli(backward, dir), 1,
+              {"--backward", "causal layers", "use_causal_windowed = true", "not implemented yet"});
+}
 
 #ifdef KATTN_MPIEXEC
 /// kattn-run --mpi under mpirun with 3 ranks (KATTN_MPIEXEC: the launcher with its flags and

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <charconv>
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -22,6 +23,7 @@
 #include <vector>
 
 #include <kattn/any_layer.hpp>
+#include <kattn/gradients.hpp>
 #include <kattn/io/config_json.hpp>
 #include <kattn/io/safetensors.hpp>
 #include <kattn/io/weights.hpp>
@@ -31,7 +33,7 @@ namespace {
 
 constexpr const char* kUsage =
     R"(usage: kattn-run --config FILE --weights FILE --inputs FILE --output FILE
-                 [--stream] [--state-in FILE] [--state-out FILE]
+                 [--stream] [--state-in FILE] [--state-out FILE] [--backward]
                  [--weights-naming keras|torch|FILE] [--dtype float32|float64] [--threads N]
                  [--mpi [--slices A,B,...]]
 
@@ -51,6 +53,10 @@ Runs one kernel attention layer (the TF Model Garden KernelAttention) over safet
                     cache/kv [B,N,dv,m] and cache/k_sum [B,N,m] (absent: a fresh state)
   --output FILE     receives output [B,T,O]; with --stream also cache/kv and cache/k_sum
   --stream          one streaming call over the next T tokens (use_causal_windowed layers)
+  --backward        also the gradients (bidirectional layers): reads grad/output [B,T,O]
+                    from --inputs (d loss / d output) and writes grad/query, grad/value,
+                    grad/key (when a key is given) and grad/<weight name> for every weight,
+                    under the names of the weights file
   --state-in FILE   with --stream: start from a state written by --state-out
   --state-out FILE  with --stream: save the state after this call in kattn's own format;
                     the only way to continue an exact-mode stream (no causal_window_decay)
@@ -83,6 +89,7 @@ struct Options {
   std::string weights_naming = "keras";  // keras, torch, or a JSON name map's path
   std::optional<std::string> state_in, state_out;
   bool stream = false;
+  bool backward = false;
   bool mpi = false;
   std::optional<std::string> slices;
   DType dtype = DType::Float32;
@@ -123,13 +130,14 @@ Options parseArgs(int argc, char** argv) {
     }
     const std::size_t eq = arg.find('=');
     const std::string name = arg.substr(0, eq);
-    if (name != "--stream" && name != "--mpi" && !valued.count(name)) {
+    const bool flag = name == "--stream" || name == "--mpi" || name == "--backward";
+    if (!flag && !valued.count(name)) {
       throw UsageError("unknown option " + singleQuoted(name) + " (see kattn-run --help)");
     }
     if (!seen.insert(name).second) throw UsageError(name + " given twice");
-    if (name == "--stream" || name == "--mpi") {
+    if (flag) {
       if (eq != std::string::npos) throw UsageError(name + " takes no value");
-      (name == "--mpi" ? o.mpi : o.stream) = true;
+      (name == "--mpi" ? o.mpi : name == "--stream" ? o.stream : o.backward) = true;
       continue;
     }
     std::string value;
@@ -179,6 +187,11 @@ Options parseArgs(int argc, char** argv) {
   }
   if (!missing.empty()) throw UsageError("missing " + missing + " (see kattn-run --help)");
   if (o.slices && !o.mpi) throw UsageError("--slices needs --mpi");
+  // Before the MPI build check, so that the message says what --backward cannot do.
+  if (o.backward && (o.stream || o.mpi)) {
+    throw UsageError(std::string("--backward: not with ") + (o.stream ? "--stream" : "--mpi") +
+                     " (gradients exist for the whole-sequence pass on one process only)");
+  }
   if (o.mpi && (o.stream || o.state_in)) {
     throw UsageError(std::string(o.stream ? "--stream" : "--state-in") +
                      ": not with --mpi (it runs the whole-sequence pass; --state-out gives the "
@@ -289,18 +302,23 @@ void checkWeightNames(const kattn::io::SafeTensors& file, const kattn::LayerConf
   }
 }
 
-void checkInputNames(const kattn::io::SafeTensors& file, bool stream) {
+void checkInputNames(const kattn::io::SafeTensors& file, bool stream, bool backward) {
   const std::set<std::string> inputs = {"query", "value", "key", "attention_mask"};
   const std::set<std::string> cache = {"cache/kv", "cache/k_sum"};
   for (const std::string& name : file.names()) {
     if (inputs.count(name) || (stream && cache.count(name))) continue;
+    if (backward && name == "grad/output") continue;
     if (cache.count(name)) {
       throw std::runtime_error(file.sourceName() + ": tensor '" + name +
                                "' is a streaming cache, read only with --stream");
     }
+    if (name == "grad/output") {
+      throw std::runtime_error(file.sourceName() +
+                               ": tensor 'grad/output' is read only with --backward");
+    }
+    const char* more = stream ? ", cache/kv, cache/k_sum" : backward ? ", grad/output" : "";
     throw std::runtime_error(file.sourceName() + ": unexpected tensor '" + printable(name) +
-                             "' (inputs are query, value, key, attention_mask" +
-                             (stream ? ", cache/kv, cache/k_sum)" : ")"));
+                             "' (inputs are query, value, key, attention_mask" + more + ")");
   }
 }
 
@@ -394,7 +412,7 @@ template <typename Scalar>
 Inputs<Scalar> loadInputs(const Options& opt, const kattn::LayerConfig& config, kattn::Index O) {
   using kattn::Index;
   Inputs<Scalar> in{kattn::io::SafeTensors::load(opt.inputs), {}, {}, {}, {}};
-  checkInputNames(in.file, opt.stream);
+  checkInputNames(in.file, opt.stream, opt.backward);
   in.query = in.file.template tensor<Scalar, 3>("query");
   in.value = in.file.template tensor<Scalar, 3>("value");
   if (in.file.contains("key")) in.key = in.file.template tensor<Scalar, 3>("key");
@@ -402,11 +420,68 @@ Inputs<Scalar> loadInputs(const Options& opt, const kattn::LayerConfig& config, 
     in.mask = in.file.template tensor<Scalar, 2>("attention_mask");
   }
   const Index per_head = config.key_dim + config.featureDim() + config.resolvedValueDim();
+  // The backward holds a gradient beside each of these.
   checkWorkingSize(in.query.dimension(0), in.query.dimension(1), in.value.dimension(1),
-                   in.query.dimension(2) + in.value.dimension(2) + O +
-                       Index(config.num_heads) * per_head,
+                   (opt.backward ? 2 : 1) * (in.query.dimension(2) + in.value.dimension(2) + O +
+                                             Index(config.num_heads) * per_head),
                    sizeof(Scalar));
   return in;
+}
+
+/// grad/output [B, T, O] of --inputs: its shape is that of the output, its entries finite.
+template <typename Scalar>
+kattn::Tensor<Scalar, 3> loadGradOutput(const Inputs<Scalar>& in, kattn::Index O) {
+  const kattn::Tensor<Scalar, 3> g = in.file.template tensor<Scalar, 3>(
+      "grad/output", {in.query.dimension(0), in.query.dimension(1), O});
+  for (kattn::Index i = 0; i < g.size(); ++i) {
+    if (!std::isfinite(g.data()[i])) {
+      std::ostringstream os;
+      os << in.file.sourceName() << ": tensor 'grad/output': expected finite values, got "
+         << g.data()[i] << " at flat index " << i;
+      throw std::runtime_error(os.str());
+    }
+  }
+  return g;
+}
+
+/**
+ * output and the gradients into `out`: grad/query, grad/value, grad/key (with a key input),
+ * and every weight's gradient under "grad/" and the name and layout it has in the weights
+ * file, so that a weight and its gradient pair up by name under any --weights-naming (a
+ * TorchLinear gradient is the transpose of the Keras one, as the weight is).
+ */
+template <typename Scalar>
+void runBackward(const Options& opt, const kattn::LayerConfig& config,
+                 const kattn::AnyKernelAttention<Scalar>& loaded, const Inputs<Scalar>& in,
+                 kattn::io::SafeTensorsWriter& out) {
+  using kattn::ConstTensorMap;
+  if (config.use_causal_windowed) {
+    throw std::runtime_error(
+        "--backward: gradients of causal layers (use_causal_windowed = true) are not "
+        "implemented yet; only bidirectional layers");
+  }
+  const kattn::Tensor<Scalar, 3> grad_output = loadGradOutput(in, loaded.outputDim());
+  std::optional<ConstTensorMap<Scalar, 3>> key_view;
+  std::optional<ConstTensorMap<Scalar, 2>> mask_view;
+  if (in.key) key_view.emplace(*in.key);
+  if (in.mask) mask_view.emplace(*in.mask);
+  // kattn::backward takes the typed layer; visitFeatureMap is the library's one map from
+  // feature_transform names to types, so kattn-run does not keep a second one.
+  kattn::detail::visitFeatureMap(config.feature_transform, [&](auto map) {
+    kattn::KernelAttention<Scalar, decltype(map), kattn::Bidirectional> layer(config);
+    if (opt.threads) layer.setThreads(*opt.threads);
+    layer.setWeights(loaded.weights());
+    if (config.hasProjection()) layer.setProjection(loaded.projection());
+    out.add("output", layer.forward(in.query, in.value, key_view, mask_view, /*training=*/false));
+    const kattn::Gradients<Scalar> g =
+        kattn::backward(layer, in.query, in.value, key_view, mask_view, grad_output);
+    out.add("grad/query", g.query);
+    out.add("grad/value", g.value);
+    if (in.key) out.add("grad/key", g.key);
+    kattn::io::WeightNaming naming = loadNaming(opt.weights_naming);
+    naming.setPrefix("grad/" + naming.prefix());
+    kattn::io::addWeights(out, g.weights, naming);
+  });
 }
 
 template <typename Scalar>
@@ -421,7 +496,9 @@ void run(const Options& opt, const kattn::LayerConfig& config) {
 
   kattn::io::SafeTensorsWriter out;
   std::string state_bytes;
-  if (!opt.stream) {
+  if (opt.backward) {
+    runBackward(opt, config, layer, in, out);
+  } else if (!opt.stream) {
     out.add("output", layer.forward(in.query, in.value, key_view, mask_view, /*training=*/false));
   } else {
     auto state = startState(opt, in.file, layer, in.query.dimension(0));

@@ -1,0 +1,188 @@
+/// \file
+/// Gradients (issue 26, G1, G3, G6): a training step's attention work, forward plus backward,
+/// beside the forward alone in the same run, so that their ratio is measured under the same
+/// load. `<G>/kattn/T` times the forward into caller memory followed by the backward;
+/// `<G>/forward/T` times the forward alone.
+///
+/// G1: W1's core (bench_bidirectional.cpp): attend on projected heads q, k, v [1, T, 8, 64],
+/// exp with a projection, m = 256; backward = kattn::attendBackward.
+/// G3: W3's map, heads and dims (relu, no projection, 8 heads of 64) on the bidirectional
+/// core. W3 itself is causal, and gradients exist for bidirectional layers only so far; once
+/// the causal backward lands, G3 should become W3's causal pass.
+/// G6: W6's whole layer (bench_layer.cpp): forward(x, x) with x [1, T, 512], exp, m = 256,
+/// the projections and the output projection; backward = kattn::backward.
+///
+/// The upstream gradients are fixed inputs. The backward returns fresh gradient tensors (it
+/// has no overload into caller memory), so each call pays their first touch, while the
+/// forward baseline writes into memory touched once: the ratio errs against the backward.
+
+#include <array>
+#include <cmath>
+#include <optional>
+
+#include "bench_common.hpp"
+#include "flops.hpp"
+
+namespace kattn_bench {
+namespace {
+
+constexpr Index kLengths[] = {1024, 4096, 16384};
+constexpr Index kModelDim = 512;
+
+/// What a benchmark times: the forward alone, or the forward and then the backward.
+enum class Pass { Forward, ForwardBackward };
+
+/// timeIntoBuffer for a step whose checked result moves from call to call (a returned
+/// gradient tensor): `result()` gives the tensor after the last call.
+template <typename Fn, typename Result>
+void timeReturned(benchmark::State& state, Fn&& run, Result&& result, double tokens,
+                  double flops) {
+  if (warmUpWorthIt(flops)) run();
+  for (auto _ : state) {
+    run();
+    benchmark::ClobberMemory();
+  }
+  const auto& t = result();
+  checkOutput(state, t.data(), std::size_t(t.size()));
+  setCounters(state, tokens, flops);
+}
+
+template <typename Map>
+kattn::LayerConfig coreConfig(int m) {
+  kattn::LayerConfig config;
+  config.num_heads = int(kHeads);
+  config.key_dim = int(kKeyDim);
+  config.value_dim = int(kValueDim);
+  config.feature_transform = Map::name;
+  config.num_random_features = m;
+  return config;
+}
+
+/// G1/G3: the bidirectional core of `Map` features (m = 0: no projection), S = T.
+template <typename Map>
+void BM_CoreGradients(benchmark::State& state, int threads, Index T, int m, Pass pass) {
+  kattn::KernelAttention<float, Map> layer(coreConfig<Map>(m));
+  layer.setThreads(threads);
+  const auto q = headsInput(0, T, kHeads, kKeyDim);
+  const auto k = headsInput(1, T, kHeads, kKeyDim);
+  const auto v = headsInput(2, T, kHeads, kValueDim);
+  const auto grad = headsInput(3, T, kHeads, kValueDim);
+  const double F = double(layer.numFeatures());
+  const bool projected = m > 0;
+  double work = flops::bidirectionalCore(kBatch, kHeads, T, T, kKeyDim, F, kValueDim, projected);
+  if (pass == Pass::ForwardBackward) {
+    work += flops::bidirectionalCoreBackward(kBatch, kHeads, T, T, kKeyDim, F, kValueDim,
+                                             projected);
+  }
+  kattn::Tensor<float, 4> out(kBatch, T, kHeads, kValueDim);
+  out.setZero();
+  auto forward = [&] {
+    layer.attend(q, k, v, std::nullopt, false, kattn::TensorMap<float, 4>(out));
+  };
+  if (pass == Pass::Forward) {
+    timeIntoBuffer(state, forward, out.data(), std::size_t(out.size()), double(kBatch * T), work);
+    return;
+  }
+  kattn::HeadGradients<float> grads;
+  auto step = [&] {
+    forward();
+    grads = kattn::attendBackward(layer, q, k, v, std::nullopt, grad);
+  };
+  // The gradient of v is one that every form and map computes in full: its check stands for
+  // the backward's.
+  timeReturned(state, step, [&]() -> const kattn::Tensor<float, 4>& { return grads.v; },
+               double(kBatch * T), work);
+}
+
+/// A tensor of the given shape from input stream `stream`, scaled by `scale`.
+template <int Rank>
+kattn::Tensor<float, Rank> randomTensor(int stream, const std::array<Index, Rank>& dims,
+                                        float scale) {
+  kattn::Tensor<float, Rank> t(dims);
+  const float* src = inputData(stream, std::size_t(t.size()));
+  for (Index i = 0; i < t.size(); ++i) t.data()[i] = scale * src[i];
+  return t;
+}
+
+/// W6's weights (bench_layer.cpp): scaled by 1/sqrt(fan-in), small biases.
+kattn::Weights<float> layerWeights() {
+  const float in_scale = 1.0f / std::sqrt(float(kModelDim));
+  const float out_scale = 1.0f / std::sqrt(float(kHeads * kValueDim));
+  kattn::Weights<float> w;
+  w.query_kernel = randomTensor<3>(3, {kModelDim, kHeads, kKeyDim}, in_scale);
+  w.key_kernel = randomTensor<3>(4, {kModelDim, kHeads, kKeyDim}, in_scale);
+  w.value_kernel = randomTensor<3>(5, {kModelDim, kHeads, kValueDim}, in_scale);
+  w.output_kernel = randomTensor<3>(6, {kHeads, kValueDim, kModelDim}, out_scale);
+  w.query_bias = randomTensor<2>(7, {kHeads, kKeyDim}, 0.1f);
+  w.key_bias = randomTensor<2>(8, {kHeads, kKeyDim}, 0.1f);
+  w.value_bias = randomTensor<2>(9, {kHeads, kValueDim}, 0.1f);
+  w.output_bias = randomTensor<1>(10, {kModelDim}, 0.1f);
+  return w;
+}
+
+/// G6: W6's layer, self-attention forward(x, x), then kattn::backward.
+void BM_LayerGradients(benchmark::State& state, int threads, Index T, Pass pass) {
+  kattn::KernelAttention<float, kattn::Exp> layer(coreConfig<kattn::Exp>(256));
+  layer.setWeights(layerWeights());
+  layer.setThreads(threads);
+  const auto x = layerInput(0, T, kModelDim);
+  const auto grad = layerInput(11, T, kModelDim);
+  const double F = double(layer.numFeatures());
+  double work = flops::layer(kBatch, kHeads, T, kModelDim, kKeyDim, F, kValueDim, kModelDim, true);
+  if (pass == Pass::ForwardBackward) {
+    work += flops::layerBackward(kBatch, kHeads, T, kModelDim, kKeyDim, F, kValueDim, kModelDim,
+                                 true);
+  }
+  kattn::Tensor<float, 3> out(kBatch, T, kModelDim);
+  out.setZero();
+  auto forward = [&] {
+    layer.forward(x, x, std::nullopt, std::nullopt, false, kattn::TensorMap<float, 3>(out));
+  };
+  if (pass == Pass::Forward) {
+    timeIntoBuffer(state, forward, out.data(), std::size_t(out.size()), double(kBatch * T), work);
+    return;
+  }
+  kattn::Gradients<float> grads;
+  auto step = [&] {
+    forward();
+    grads = kattn::backward(layer, x, x, std::nullopt, std::nullopt, grad);
+  };
+  timeReturned(state, step, [&]() -> const kattn::Tensor<float, 3>& { return grads.value; },
+               double(kBatch * T), work);
+}
+
+}  // namespace
+
+/// Length by length, forward and forward plus backward next to each other (the machine's
+/// load drifts over minutes).
+void registerGradients() {
+  for (Index T : kLengths) {
+    for (const Pass pass : {Pass::Forward, Pass::ForwardBackward}) {
+      const char* impl = pass == Pass::Forward ? "forward" : "kattn";
+      registerBenchmark(benchName("G1", impl, T), Timing{},
+                        [T, pass](benchmark::State& state, int threads) {
+                          BM_CoreGradients<kattn::Exp>(state, threads, T, 256, pass);
+                        });
+    }
+  }
+  for (Index T : kLengths) {
+    for (const Pass pass : {Pass::Forward, Pass::ForwardBackward}) {
+      const char* impl = pass == Pass::Forward ? "forward" : "kattn";
+      registerBenchmark(benchName("G3", impl, T), Timing{},
+                        [T, pass](benchmark::State& state, int threads) {
+                          BM_CoreGradients<kattn::Relu>(state, threads, T, 0, pass);
+                        });
+    }
+  }
+  for (Index T : kLengths) {
+    for (const Pass pass : {Pass::Forward, Pass::ForwardBackward}) {
+      const char* impl = pass == Pass::Forward ? "forward" : "kattn";
+      registerBenchmark(benchName("G6", impl, T), Timing{},
+                        [T, pass](benchmark::State& state, int threads) {
+                          BM_LayerGradients(state, threads, T, pass);
+                        });
+    }
+  }
+}
+
+}  // namespace kattn_bench

@@ -1088,7 +1088,10 @@ TEST(KattnRunBackward, MatchesFiniteDifferencesOfTheForward) {
   // stabiliser): where kattn-run's gradient is largest, and two fixed ones. The golden cases
   // are independent of kattn; these differences are of kattn-run's forward, which the
   // GoldenCli tests tie to them.
-  const GoldenCase gc(kBackwardCases[0]);
+  // A bidirectional case and a causal one (chunks of 4, a window of 3, left padding).
+  for (const char* name : {kBackwardCases[0], "k_cw_exp_M12_c4_w3_left"}) {
+  SCOPED_TRACE(name);
+  const GoldenCase gc(name);
   ASSERT_EQ(gc.config.feature_transform, "exp");
   TempDir dir("kattn_run_backward_fd");
   const BackwardRun run = runBackwardCase(gc, dir);
@@ -1148,6 +1151,7 @@ TEST(KattnRunBackward, MatchesFiniteDifferencesOfTheForward) {
           << "central difference " << fd << ", kattn-run --backward " << c.analytic.data()[i]
           << ", largest |gradient| " << scale;
     }
+  }
   }
 }
 
@@ -1238,13 +1242,6 @@ TEST(KattnRunBackward, Mistakes) {
               {"'grad/output'", "only with --backward"});
   expectSuccess(runCli(backward32, dir));
 
-  // Causal layers: not yet.
-  kattn::LayerConfig causal = small.config;
-  causal.use_causal_windowed = true;
-  causal.causal_chunk_length = 1;
-  writeAll(dir.file("layer.json"), kattn::io::configToJson(causal).dump());
-  expectError(runCli(backward, dir), 1,
-              {"--backward", "causal layers", "use_causal_windowed = true", "not implemented yet"});
 }
 
 #ifdef KATTN_MPIEXEC

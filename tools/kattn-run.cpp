@@ -53,7 +53,7 @@ Runs one kernel attention layer (the TF Model Garden KernelAttention) over safet
                     cache/kv [B,N,dv,m] and cache/k_sum [B,N,m] (absent: a fresh state)
   --output FILE     receives output [B,T,O]; with --stream also cache/kv and cache/k_sum
   --stream          one streaming call over the next T tokens (use_causal_windowed layers)
-  --backward        also the gradients (bidirectional layers): reads grad/output [B,T,O]
+  --backward        also the gradients: reads grad/output [B,T,O]
                     from --inputs (d loss / d output) and writes grad/query, grad/value,
                     grad/key (when a key is given) and grad/<weight name> for every weight,
                     under the names of the weights file
@@ -444,6 +444,29 @@ kattn::Tensor<Scalar, 3> loadGradOutput(const Inputs<Scalar>& in, kattn::Index O
   return g;
 }
 
+/// The output and the gradients of runBackward, with the typed layer.
+template <typename Layer, typename Scalar>
+void gradientsOf(const Options& opt, const kattn::LayerConfig& config,
+                 const kattn::AnyKernelAttention<Scalar>& loaded, const Inputs<Scalar>& in,
+                 const kattn::Tensor<Scalar, 3>& grad_output,
+                 const std::optional<kattn::ConstTensorMap<Scalar, 3>>& key_view,
+                 const std::optional<kattn::ConstTensorMap<Scalar, 2>>& mask_view,
+                 kattn::io::SafeTensorsWriter& out) {
+  Layer layer(config);
+  if (opt.threads) layer.setThreads(*opt.threads);
+  layer.setWeights(loaded.weights());
+  if (config.hasProjection()) layer.setProjection(loaded.projection());
+  out.add("output", layer.forward(in.query, in.value, key_view, mask_view, /*training=*/false));
+  const kattn::Gradients<Scalar> g =
+      kattn::backward(layer, in.query, in.value, key_view, mask_view, grad_output);
+  out.add("grad/query", g.query);
+  out.add("grad/value", g.value);
+  if (in.key) out.add("grad/key", g.key);
+  kattn::io::WeightNaming naming = loadNaming(opt.weights_naming);
+  naming.setPrefix("grad/" + naming.prefix());
+  kattn::io::addWeights(out, g.weights, naming);
+}
+
 /**
  * output and the gradients into `out`: grad/query, grad/value, grad/key (with a key input),
  * and every weight's gradient under "grad/" and the name and layout it has in the weights
@@ -455,11 +478,6 @@ void runBackward(const Options& opt, const kattn::LayerConfig& config,
                  const kattn::AnyKernelAttention<Scalar>& loaded, const Inputs<Scalar>& in,
                  kattn::io::SafeTensorsWriter& out) {
   using kattn::ConstTensorMap;
-  if (config.use_causal_windowed) {
-    throw std::runtime_error(
-        "--backward: gradients of causal layers (use_causal_windowed = true) are not "
-        "implemented yet; only bidirectional layers");
-  }
   const kattn::Tensor<Scalar, 3> grad_output = loadGradOutput(in, loaded.outputDim());
   std::optional<ConstTensorMap<Scalar, 3>> key_view;
   std::optional<ConstTensorMap<Scalar, 2>> mask_view;
@@ -468,21 +486,16 @@ void runBackward(const Options& opt, const kattn::LayerConfig& config,
   // kattn::backward takes the typed layer; visitFeatureMap is the library's one map from
   // feature_transform names to types, so kattn-run does not keep a second one.
   kattn::detail::visitFeatureMap(config.feature_transform, [&](auto map) {
-    kattn::KernelAttention<Scalar, decltype(map), kattn::Bidirectional> layer(config);
-    if (opt.threads) layer.setThreads(*opt.threads);
-    layer.setWeights(loaded.weights());
-    if (config.hasProjection()) layer.setProjection(loaded.projection());
-    out.add("output", layer.forward(in.query, in.value, key_view, mask_view, /*training=*/false));
-    const kattn::Gradients<Scalar> g =
-        kattn::backward(layer, in.query, in.value, key_view, mask_view, grad_output);
-    out.add("grad/query", g.query);
-    out.add("grad/value", g.value);
-    if (in.key) out.add("grad/key", g.key);
-    kattn::io::WeightNaming naming = loadNaming(opt.weights_naming);
-    naming.setPrefix("grad/" + naming.prefix());
-    kattn::io::addWeights(out, g.weights, naming);
+    if (config.use_causal_windowed) {
+      gradientsOf<kattn::KernelAttention<Scalar, decltype(map), kattn::CausalWindowed>>(
+          opt, config, loaded, in, grad_output, key_view, mask_view, out);
+    } else {
+      gradientsOf<kattn::KernelAttention<Scalar, decltype(map), kattn::Bidirectional>>(
+          opt, config, loaded, in, grad_output, key_view, mask_view, out);
+    }
   });
 }
+
 
 template <typename Scalar>
 void run(const Options& opt, const kattn::LayerConfig& config) {

@@ -24,6 +24,8 @@
 #include <kattn/gradients.hpp>
 #include <kattn/kattn.hpp>
 
+#include "gradient_support.hpp"
+
 namespace {
 
 using kattn::Index;
@@ -36,67 +38,10 @@ constexpr Index kB = 2, kT = 5, kS = 5, kN = 2, kd = 3, kdv = 2, kDq = 4, kDv = 
                 kO = 3;
 constexpr double kFdTol = 1e-6;
 
-/// Every built-in map, as a type, for a generic lambda.
-template <typename Map>
-struct Tag {
-  using type = Map;
-};
-template <typename Fn>
-void forEachMap(const Fn& fn) {
-  fn(Tag<kattn::Elu>{});
-  fn(Tag<kattn::Relu>{});
-  fn(Tag<kattn::Square>{});
-  fn(Tag<kattn::Identity>{});
-  fn(Tag<kattn::Exp>{});
-  fn(Tag<kattn::ExpMod>{});
-  fn(Tag<kattn::ExpPlus>{});
-}
-
-/**
- * expplus with its coefficients A, B, D frozen: the function whose derivative backward
- * computes (the reference holds them constant by stop_gradient), for finite differences of
- * the layer's own forward. Recording, it computes them as expplus and keeps them in call
- * order; replaying, it returns them again in that order (the layer asks for them serially,
- * queries then keys per batch row and head, the same number of times per forward).
- */
-struct FrozenExpPlus : kattn::ExpPlus {
-  static constexpr const char* name = "frozen_expplus";
-  struct Table {
-    bool replay = false;
-    std::vector<Coefficients<double>> coefficients;
-    std::size_t next = 0;
-  };
-  static Table& table() {
-    static Table t;
-    return t;
-  }
-  static Coefficients<double> coefficients(const SideStatistics<double>& x,
-                                           const SideStatistics<double>& y, Index d) {
-    Table& t = table();
-    if (!t.replay) {
-      t.coefficients.push_back(kattn::ExpPlus::coefficients(x, y, d));
-      return t.coefficients.back();
-    }
-    return t.coefficients[t.next++ % t.coefficients.size()];
-  }
-};
-
-}  // namespace
-
-template <>
-struct kattn::feature_map_traits<FrozenExpPlus> : kattn::feature_map_traits<kattn::ExpPlus> {};
-
-namespace {
-
-/// The map whose forward finite differences see: Map itself, expplus with frozen coefficients.
-template <typename Map>
-struct LossMap {
-  using type = Map;
-};
-template <>
-struct LossMap<kattn::ExpPlus> {
-  using type = FrozenExpPlus;
-};
+using kattn_test::forEachMap;
+using kattn_test::FrozenExpPlus;
+using kattn_test::LossMap;
+using kattn_test::Tag;
 
 /// Below this largest |entry| a finite-difference gradient is rounding noise: the function is
 /// flat in that tensor (the short path's softmax ignores a shift shared by all keys, so with

@@ -43,6 +43,7 @@ using kattn_test::forEachMap;
 using kattn_test::FrozenExpPlus;
 using kattn_test::LossMap;
 using kattn_test::Tag;
+using kattn_test::toFloat;
 
 template <typename Map>
 using Causal = kattn::KernelAttention<double, Map, kattn::CausalWindowed>;
@@ -603,24 +604,6 @@ TEST(CausalGradients, LayerBackwardMatchesFiniteDifferencesForEveryMap) {
 
 // ---- float against double, threads --------------------------------------------------------
 
-template <int R>
-Tensor<float, R> toFloat(const Tensor<double, R>& t) {
-  return t.template cast<float>();
-}
-
-kattn::Weights<float> toFloat(const kattn::Weights<double>& w) {
-  kattn::Weights<float> f;
-  f.query_kernel = toFloat(w.query_kernel);
-  f.query_bias = toFloat(w.query_bias);
-  f.key_kernel = toFloat(w.key_kernel);
-  f.key_bias = toFloat(w.key_bias);
-  f.value_kernel = toFloat(w.value_kernel);
-  f.value_bias = toFloat(w.value_bias);
-  f.output_kernel = toFloat(w.output_kernel);
-  f.output_bias = toFloat(w.output_bias);
-  return f;
-}
-
 TEST(CausalGradients, FloatIsWithin1e4OfDouble) {
   double largest = 0;
   forEachMap([&](auto tag) {
@@ -644,7 +627,7 @@ TEST(CausalGradients, FloatIsWithin1e4OfDouble) {
       const kattn::Weights<double> w =
           makeWeights(gen, c, true, std::string(Map::name) == "identity");
       d64.setWeights(w);
-      f32.setWeights(toFloat(w));
+      f32.setWeights(kattn::castWeights<float>(w));
       const auto want = backwardOf(d64, p.query, p.value, p.key, p.mask, p.grad);
       const std::optional<Tensor<float, 3>> key = toFloat(*p.key);
       const std::optional<Tensor<float, 2>> mask = toFloat(*p.mask);

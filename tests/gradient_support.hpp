@@ -12,6 +12,12 @@ namespace kattn_test {
 
 using kattn::Index;
 
+/// A float64 tensor as float32 (the float32 checks take the float64 problem).
+template <int R>
+kattn::Tensor<float, R> toFloat(const kattn::Tensor<double, R>& t) {
+  return t.template cast<float>();
+}
+
 /// Every built-in map, as a type, for a generic lambda.
 template <typename Map>
 struct Tag {

@@ -42,6 +42,7 @@ using kattn_test::forEachMap;
 using kattn_test::FrozenExpPlus;
 using kattn_test::LossMap;
 using kattn_test::Tag;
+using kattn_test::toFloat;
 
 /// Below this largest |entry| a finite-difference gradient is rounding noise: the function is
 /// flat in that tensor (the short path's softmax ignores a shift shared by all keys, so with
@@ -418,26 +419,6 @@ TEST(Gradients, LowRankEqualsExplicitOverSeveralBlocks) {
 
 // ---- float against double ----------------------------------------------------------------------
 
-template <int R>
-Tensor<float, R> toFloat(const Tensor<double, R>& t) {
-  return t.template cast<float>();
-}
-
-kattn::Weights<float> toFloat(const kattn::Weights<double>& w) {
-  kattn::Weights<float> f;
-  f.query_kernel = toFloat(w.query_kernel);
-  f.query_bias = toFloat(w.query_bias);
-  f.key_kernel = toFloat(w.key_kernel);
-  f.key_bias = toFloat(w.key_bias);
-  f.value_kernel = toFloat(w.value_kernel);
-  f.value_bias = toFloat(w.value_bias);
-  f.output_kernel = toFloat(w.output_kernel);
-  f.output_bias = toFloat(w.output_bias);
-  f.output_softmax_kernel = toFloat(w.output_softmax_kernel);
-  f.output_softmax_bias = toFloat(w.output_softmax_bias);
-  return f;
-}
-
 TEST(Gradients, FloatIsWithin1e4OfDouble) {
   forEachMap([](auto tag) {
     using Map = typename decltype(tag)::type;
@@ -456,7 +437,7 @@ TEST(Gradients, FloatIsWithin1e4OfDouble) {
                               (std::string(Map::name) == "expplus" && m == 0);
         const kattn::Weights<double> w = makeWeights(gen, c, true, identity);
         d64.setWeights(w);
-        f32.setWeights(toFloat(w));
+        f32.setWeights(kattn::castWeights<float>(w));
         const auto want = backwardOf(d64, p.query, p.value, p.key, p.mask, p.grad);
         std::optional<Tensor<float, 3>> key = toFloat(*p.key);
         std::optional<Tensor<float, 2>> mask = toFloat(*p.mask);

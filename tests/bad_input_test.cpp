@@ -148,13 +148,13 @@ TEST(StreamingBytes, HugeRingCountInAStateIsRejectedWithoutAllocating) {
   stream(layer, p, {2}, st);
   std::string bytes = st.toBytes();
   // Layout (streaming.hpp): magic[8], sizeof(Scalar), B, N, F, V, mode, chunk, window, tokens,
-  // finished (int64 each), gamma (double), key shifts (B doubles), then per head kv, z and the
-  // ring count (int64).
+  // finished (int64 each), gamma (double), key shifts (B doubles), then per head kv, z, z's
+  // compensation and the ring count (int64).
   const std::size_t window_at = 8 + 8 * 7;
   const std::int64_t huge_window = std::int64_t(1) << 40;
   std::memcpy(&bytes[window_at], &huge_window, 8);
   const std::size_t B = 2, F = 4, V = 2;
-  const std::size_t ring_at = 8 + 8 * 10 + 8 + 8 * B + 8 * (F * V + F);
+  const std::size_t ring_at = 8 + 8 * 10 + 8 + 8 * B + 8 * (F * V + 2 * F);
   std::int64_t ring = 0;
   std::memcpy(&ring, &bytes[ring_at], 8);
   ASSERT_EQ(ring, 1) << "layout assumption: one chunk in the ring";

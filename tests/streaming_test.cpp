@@ -385,6 +385,105 @@ TEST(StreamingBytes, ExactStateWithDroppedChunksRoundTrips) {
   }
 }
 
+/// A ring entry kept as rows (C = 1: a token's k' and v) is saved as its rows, not as the
+/// F x (d_v + 1) term it stands for: one more token in the window adds exactly its rows and
+/// their count per head.
+TEST(StreamingBytes, ChunksKeptAsRowsAreSavedAsRows) {
+  kattn::LayerConfig c;
+  c.num_heads = 2;
+  c.key_dim = 4;
+  c.feature_transform = "relu";
+  c.num_random_features = 16;
+  c.use_causal_windowed = true;
+  c.causal_chunk_length = 1;
+  c.causal_window_length = 8;
+  kattn::CausalKernelAttention<double, kattn::Relu> layer(c);
+  layer.initializeWeights(6, 6);
+  const Index F = layer.numFeatures(), V = layer.valueDim(), N = 2, B = 1;
+  ASSERT_LT(F + V, F * V) << "a token's rows must be the smaller form here";
+  kattn::Tensor<double, 3> x(B, 6, 6);
+  Rng r(3);
+  for (Index i = 0; i < x.size(); ++i) x.data()[i] = r.normal();
+  auto st = layer.makeState(B, kattn::StreamingMode::Exact);
+  std::vector<std::size_t> sizes;
+  for (Index t = 0; t < 6; ++t) {
+    const auto piece = rows(x, t, 1);
+    layer.forward(piece, piece, std::nullopt, std::nullopt, st);
+    sizes.push_back(st.toBytes().size());
+  }
+  for (std::size_t t = 1; t < sizes.size(); ++t) {
+    EXPECT_EQ(sizes[t] - sizes[t - 1], std::size_t(B * N * (8 + (F + V) * 8))) << "token " << t;
+  }
+  const std::string bytes = st.toBytes();
+  EXPECT_EQ(kattn::StreamingState<double>::fromBytes(bytes).toBytes(), bytes);
+}
+
+/// A state saved by the first format (no compensation of z, every ring entry a term) loads,
+/// with a zero compensation. Made here from a recurrent state's bytes: the two formats differ
+/// there only in the magic and z's compensation.
+TEST(StreamingBytes, FirstFormatStillLoads) {
+  const Problem p = smallCausal(2, 2);
+  const EluCausal layer = kattn_test::makeLayer<EluCausal>(p);
+  auto st = layer.makeState(2, kattn::StreamingMode::Recurrent);
+  stream(layer, p, {2, 1}, st);
+  const std::string v2 = st.toBytes();
+  const std::size_t B = 2, N = std::size_t(st.heads()), F = std::size_t(st.features()),
+                    V = std::size_t(st.valueDim());
+  const std::size_t heads_at = 8 + 8 * 10 + 8 + 8 * B;
+  const std::size_t head_v2 = 8 * (F * V + 2 * F) + 8 + 8 + 8;  // + ring, front counts, pos
+  ASSERT_EQ(v2.size(), heads_at + B * N * head_v2);
+  std::string v1 = v2.substr(0, heads_at);
+  v1[7] = '1';
+  for (std::size_t h = 0; h < B * N; ++h) {
+    const std::size_t at = heads_at + h * head_v2;
+    v1 += v2.substr(at, 8 * (F * V + F));                   // kv, z
+    v1 += v2.substr(at + 8 * (F * V + 2 * F), 8 + 8 + 8);  // counts and position
+  }
+  const auto loaded = kattn::StreamingState<double>::fromBytes(v1);
+  EXPECT_EQ(loaded.tokens(), st.tokens());
+  EXPECT_LE(kattn_ref::relativeError(loaded.kv(), st.kv()), 0.0);
+  EXPECT_LE(kattn_ref::relativeError(loaded.kSum(), st.kSum()), 1e-15);
+}
+
+// ---- accuracy over long streams ---------------------------------------------------------------
+
+/// Float32 streams of one token a call hold the whole pass's accuracy at 65,536 tokens: the
+/// normaliser's sum of positive features (relu's 1e-3 floor among them) is compensated, where
+/// a plain running sum drifted to 1.3e-5 relative. Against float64 whole passes, both modes.
+TEST(StreamingAccuracy, Float32OneTokenStreamsDoNotDriftOver65536Tokens) {
+  kattn::LayerConfig c;
+  c.num_heads = 2;
+  c.key_dim = 16;
+  c.feature_transform = "relu";
+  c.num_random_features = 0;
+  c.use_causal_windowed = true;
+  c.causal_chunk_length = 1;
+  c.causal_window_length = kattn::kUnboundedWindow;
+  kattn::CausalKernelAttention<double, kattn::Relu> reference(c);
+  reference.initializeWeights(32, 32);
+  kattn::CausalKernelAttention<float, kattn::Relu> layer(c);
+  layer.setWeights(kattn::castWeights<float>(reference.weights()));
+  const Index T = 65536, D = 32;
+  kattn::Tensor<double, 3> x(1, T, D);
+  Rng r(11);
+  for (Index i = 0; i < x.size(); ++i) x.data()[i] = double(float(r.normal()));
+  const kattn::Tensor<float, 3> xf = x.cast<float>();
+  const kattn::Tensor<double, 3> exact = reference.forward(x, x);
+  const double whole = kattn_ref::relativeError(layer.forward(xf, xf), exact);
+  for (const auto mode : {kattn::StreamingMode::Exact, kattn::StreamingMode::Recurrent}) {
+    auto st = layer.makeState(1, mode);
+    kattn::Tensor<float, 3> streamed(1, T, D);
+    for (Index t = 0; t < T; ++t) {
+      const kattn::Tensor<float, 3> piece = rows(xf, t, 1);
+      const auto y = layer.forward(piece, piece, std::nullopt, std::nullopt, st);
+      for (Index o = 0; o < D; ++o) streamed(0, t, o) = y(0, 0, o);
+    }
+    const double err = kattn_ref::relativeError(streamed, exact);
+    EXPECT_LE(err, 1e-6) << "whole pass: " << whole;
+    EXPECT_LE(err, 2 * whole + 1e-7) << "whole pass: " << whole;
+  }
+}
+
 // ---- an unbounded window --------------------------------------------------------------------
 
 /// Plain causal attention (kUnboundedWindow) in exact mode: the whole pass's numbers, a state

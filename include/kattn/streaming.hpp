@@ -37,11 +37,12 @@ enum class StreamingMode {
  * \brief Per (batch row, head) state of causal attention across calls.
  *
  * Made by `KernelAttention::makeState`, then passed to `forward` once per call. Holds, per
- * (b, n), the window sum KV [F, d_v] and z [F], in exact mode the last W chunk terms and
- * their suffix sums (memory up to 2 W F (d_v + 1) scalars per head once W chunks have been
- * seen), and for the exp maps the running maximum of key logits per batch row (the state is
- * kept relative to it).
- * `save`/`load` round-trip it byte for byte.
+ * (b, n), the window sum KV [F, d_v], z [F] with its rounding compensation [F] (so that float32
+ * streams keep the whole pass's accuracy at any length), with a finite window in exact mode
+ * the chunks still in the window (as rows k', v when those are fewer numbers than the term,
+ * as terms otherwise) and up to W suffix sums, and for the exp maps the running maximum of key
+ * logits per batch row (the state is kept relative to it).
+ * `save`/`load` round-trip it byte for byte, in the form it is held.
  */
 template <typename Scalar>
 class StreamingState {
@@ -225,6 +226,7 @@ class StreamingState {
         for (Index j = 0; j < m_value_dim; ++j)
           for (Index f = 0; f < m_features; ++f) h.kv(f, j) = kv(b, n, j, f);
         for (Index f = 0; f < m_features; ++f) h.z(f) = k_sum(b, n, f);
+        h.zc.setZero();
       }
     }
   }
@@ -243,15 +245,27 @@ class StreamingState {
     for (const auto& h : m_state) {
       putRaw(os, h.kv.data(), std::size_t(h.kv.size()));
       putRaw(os, h.z.data(), std::size_t(h.z.size()));
-      // Ring entries kept as rows are written as their terms: the format has one kind.
+      putRaw(os, h.zc.data(), std::size_t(h.zc.size()));
+      // The ring as it is held: a chunk kept as rows is written as its rows (a token's are
+      // F + d_v numbers, its term F (d_v + 1)), a chunk kept as a term as the term.
+      putInt(os, std::int64_t(h.ring_kv.size()));
+      for (std::size_t i = 0; i < h.ring_kv.size(); ++i) {
+        putInt(os, std::int64_t(h.ring_n[i]));
+        if (h.ring_n[i] == 0) {
+          putRaw(os, h.ring_kv[i].data(), std::size_t(h.ring_kv[i].size()));
+          putRaw(os, h.ring_z[i].data(), std::size_t(h.ring_z[i].size()));
+        } else {
+          putRaw(os, h.ringRows(i), std::size_t(h.ring_n[i] * (m_features + m_value_dim)));
+        }
+      }
+      // Only the suffix sums still inside the window: the used ones are kept in memory for
+      // the next rebuild, not as state.
+      const std::size_t used = h.front_pos;
       putTerms(
-          os, h.ring_kv.size(), [&](std::size_t i) { return h.ringTerm(i); },
-          [&](std::size_t i) { return h.ringZ(i); });
-      putTerms(
-          os, h.front_kv.size(),
-          [&](std::size_t i) -> const Matrix<Scalar>& { return h.front_kv[i]; },
-          [&](std::size_t i) -> const Vector<Scalar>& { return h.front_z[i]; });
-      putInt(os, std::int64_t(h.front_pos));
+          os, h.front_kv.size() - used,
+          [&](std::size_t i) -> const Matrix<Scalar>& { return h.front_kv[used + i]; },
+          [&](std::size_t i) -> const Vector<Scalar>& { return h.front_z[used + i]; });
+      putInt(os, 0);
     }
     if (!os) throw std::runtime_error("StreamingState::save: write failed");
   }
@@ -261,7 +275,9 @@ class StreamingState {
   static StreamingState load(std::istream& is) {
     char magic[sizeof(kMagic)];
     is.read(magic, sizeof(magic));
-    if (!is || std::memcmp(magic, kMagic, sizeof(kMagic)) != 0) {
+    // Version 1 held no compensation and wrote every ring entry as a term.
+    const bool v1 = is && std::memcmp(magic, kMagicV1, sizeof(kMagicV1)) == 0;
+    if (!is || (!v1 && std::memcmp(magic, kMagic, sizeof(kMagic)) != 0)) {
       throw std::runtime_error("StreamingState::load: not a kattn streaming state");
     }
     if (getInt(is) != std::int64_t(sizeof(Scalar))) {
@@ -296,13 +312,16 @@ class StreamingState {
     for (auto& h : s.m_state) {
       getRaw(is, h.kv.data(), std::size_t(h.kv.size()));
       getRaw(is, h.z.data(), std::size_t(h.z.size()));
-      getTerms(is, h.ring_kv, h.ring_z, F, V, window);
-      h.ring_rows.clear();
-      h.ring_cur = 0;
-      h.ring_block.assign(h.ring_kv.size(), 0);
-      h.ring_at.assign(h.ring_kv.size(), 0);
-      h.ring_n.assign(h.ring_kv.size(), 0);
-      h.ring_numbers = h.ring_kv.size() * std::size_t(F * (V + 1));
+      if (v1) {
+        getTerms(is, h.ring_kv, h.ring_z, F, V, window);
+        h.ring_block.assign(h.ring_kv.size(), 0);
+        h.ring_at.assign(h.ring_kv.size(), 0);
+        h.ring_n.assign(h.ring_kv.size(), 0);
+        h.ring_numbers = h.ring_kv.size() * std::size_t(F * (V + 1));
+      } else {
+        getRaw(is, h.zc.data(), std::size_t(h.zc.size()));
+        getRing(is, h, F, V, chunk, window);
+      }
       getTerms(is, h.front_kv, h.front_z, F, V, window);
       const std::int64_t pos = getInt(is);
       if (pos < 0 || pos > std::int64_t(h.front_kv.size())) {
@@ -330,7 +349,33 @@ class StreamingState {
   }
 
  private:
-  static constexpr char kMagic[8] = {'K', 'A', 'T', 'T', 'N', 'S', 'T', '1'};
+  static constexpr char kMagic[8] = {'K', 'A', 'T', 'T', 'N', 'S', 'T', '2'};
+  static constexpr char kMagicV1[8] = {'K', 'A', 'T', 'T', 'N', 'S', 'T', '1'};
+
+  /// Reads a ring written as held: per entry its rows (at most a chunk of them) or its term.
+  static void getRing(std::istream& is, detail::CausalHeadState<Scalar>& h, std::int64_t F,
+                      std::int64_t V, std::int64_t chunk, std::int64_t window) {
+    const std::int64_t n = getInt(is);
+    if (n < 0 || n > window) throw std::runtime_error("StreamingState::load: corrupt window");
+    Matrix<Scalar> kf, v;
+    for (std::int64_t i = 0; i < n; ++i) {
+      const std::int64_t rows = getInt(is);
+      if (rows < 0 || rows > chunk) throw std::runtime_error("StreamingState::load: corrupt ring");
+      if (rows == 0) {
+        Matrix<Scalar> kv_c(F, V);
+        Vector<Scalar> z_c(F);
+        getRaw(is, kv_c.data(), std::size_t(kv_c.size()));
+        getRaw(is, z_c.data(), std::size_t(z_c.size()));
+        h.pushTerm(std::move(kv_c), std::move(z_c));
+      } else {
+        kf.resize(rows, F);
+        v.resize(rows, V);
+        getRaw(is, kf.data(), std::size_t(kf.size()));
+        getRaw(is, v.data(), std::size_t(v.size()));
+        h.pushRows(kf, v);
+      }
+    }
+  }
 
   static void putInt(std::ostream& os, std::int64_t v) { putRaw(os, &v, 1); }
   /// n terms: kv(i) and z(i) give term i's matrix and vector.
@@ -441,12 +486,14 @@ StreamingState<Scalar> combine(const StreamingState<Scalar>& earlier,
         const Index chunks = (later.tokens() + later.chunk() - 1) / later.chunk();
         const Scalar g = std::pow(gamma, Scalar(chunks));
         h.kv = g * ha.kv + hb.kv;
-        h.z = g * ha.z + hb.z;
+        h.z = g * ha.zSum() + hb.zSum();
+        h.zc.setZero();
       } else if (exact) {
         h = ha.followedBy(hb, gamma, earlier.window());
       } else {
         h.kv = ha.kv + hb.kv;
-        h.z = ha.z + hb.z;
+        h.z = ha.zSum() + hb.zSum();
+        h.zc.setZero();
       }
     }
   }

@@ -58,12 +58,9 @@ void causalGroup(const CausalParams& p, CausalHeadState<Scalar>& st, const Const
     // A single chunk whose rows all see each other (C above the group size, or a recurrent
     // call of many tokens): the low-rank form, S <- gamma S + k'^T v, a = q'S / (q'z + eps),
     // is cheaper than the L x L scores and needs no L x L memory.
-    if (decays) {
-      st.kv *= gamma;
-      st.z *= gamma;
-    }
+    if (decays) st.kv *= gamma;
     st.kv.noalias() += kf.transpose() * v;
-    st.z += kf.colwise().sum().transpose();
+    st.addToZ(gamma, kf.colwise().sum().transpose());
     Vector<Scalar>& den = sc.den;
     den.noalias() = qf * st.z;
     den.array() += eps;
@@ -132,14 +129,13 @@ void causalGroup(const CausalParams& p, CausalHeadState<Scalar>& st, const Const
 
   if (decays) {
     st.kv *= gpow(n_chunks);
-    st.z *= gpow(n_chunks);
     sc.wk = kf;
     for (Index s = 0; s < L; ++s) sc.wk.row(s) *= gpow(n_chunks - 1 - chunk_of[s]);
     st.kv.noalias() += sc.wk.transpose() * v;
-    st.z += sc.wk.colwise().sum().transpose();
+    st.addToZ(gpow(n_chunks), sc.wk.colwise().sum().transpose());
   } else {
     st.kv.noalias() += kf.transpose() * v;
-    st.z += kf.colwise().sum().transpose();
+    st.addToZ(Scalar(1), kf.colwise().sum().transpose());
   }
 }
 
@@ -160,18 +156,15 @@ void causalSlidingChunk(const CausalParams& p, CausalHeadState<Scalar>& st,
   }
   if (p.compact_ring && st.rowsAreSmaller(kf, v)) {
     // The ring keeps the rows, so the terms are never made: they go into kv and z directly.
-    if (gamma != Scalar(1)) {
-      st.kv *= gamma;
-      st.z *= gamma;
-    }
+    if (gamma != Scalar(1)) st.kv *= gamma;
     st.kv.noalias() += kf.transpose() * v;
-    st.z += kf.colwise().sum().transpose();
+    st.addToZ(gamma, kf.colwise().sum().transpose());
     st.pushRows(kf, v);
   } else {
     Matrix<Scalar> kv_c = kf.transpose() * v;
     Vector<Scalar> z_c = kf.colwise().sum().transpose();
     st.kv = gamma * st.kv + kv_c;
-    st.z = gamma * st.z + z_c;
+    st.addToZ(gamma, z_c);
     st.pushTerm(std::move(kv_c), std::move(z_c));
   }
   // The window's sum is kv plus the decayed older suffix (windowSum), read out here without

@@ -70,6 +70,11 @@ struct CausalHeadState {
   Matrix<Scalar> kv;                    ///< [F, d_v] decayed sum of the newest chunks (all of
                                         ///< them in a fixed window)
   Vector<Scalar> z;                     ///< [F] the same for key features
+  /// [F] what z's additions rounded away, Kahan's compensation (z - zc is the sum). z sums
+  /// positive features, many of them the maps' constant epsilon, so a token at a time its
+  /// roundings share a sign and the normaliser drifts with the length (1e-5 relative after
+  /// 65,536 tokens in float32); compensated, it stays within a rounding of the sum.
+  Vector<Scalar> zc;
   std::deque<Matrix<Scalar>> ring_kv;   ///< raw terms KV_c of the chunks in kv (sliding only);
                                         ///< empty for a chunk kept as rows
   std::deque<Vector<Scalar>> ring_z;    ///< raw terms z_c; empty likewise
@@ -95,11 +100,27 @@ struct CausalHeadState {
   void reset(Index F, Index dv) {
     kv.setZero(F, dv);
     z.setZero(F);
+    zc.setZero(F);
     clearRing();
     front_kv.clear();
     front_z.clear();
     front_pos = 0;
   }
+
+  /// z <- g z + add, compensated (zc). Written as separate roundings on purpose: the
+  /// compensation is lost under -ffast-math (reassociation), which kattn is not built with.
+  template <typename Derived>
+  void addToZ(Scalar g, const Eigen::MatrixBase<Derived>& add) {
+    KATTN_ASSERT(add.size() == z.size());
+    for (Index f = 0; f < z.size(); ++f) {
+      const Scalar kept = g * z(f), y = add(f) - g * zc(f), t = kept + y;
+      zc(f) = (t - kept) - y;
+      z(f) = t;
+    }
+  }
+
+  /// The normaliser's sum, z corrected by its compensation.
+  Vector<Scalar> zSum() const { return z - zc; }
 
   using RowsMap = Eigen::Map<Matrix<Scalar>>;
   using ConstRowsMap = Eigen::Map<const Matrix<Scalar>>;
@@ -198,7 +219,7 @@ struct CausalHeadState {
   /// The window sum S (and its z) of the last chunk: kv plus the decayed older suffix.
   void windowSum(Scalar gamma, Matrix<Scalar>& s_kv, Vector<Scalar>& s_z) const {
     s_kv = kv;
-    s_z = z;
+    s_z = zSum();
     if (front_pos < front_kv.size()) {
       const Scalar g = std::pow(gamma, Scalar(ring_kv.size()));
       s_kv += g * front_kv[front_pos];
@@ -234,6 +255,7 @@ struct CausalHeadState {
       clearRing();
       kv.setZero();
       z.setZero();
+      zc.setZero();
     }
     ++front_pos;
   }
@@ -258,7 +280,7 @@ struct CausalHeadState {
       out.front_pos = front_pos + (na - keep);
       for (std::size_t i = 0; i < ring_kv.size(); ++i) out.pushTerm(ringTerm(i), ringZ(i));
       out.kv = kv;
-      out.z = z;
+      out.z = zSum();
     } else {
       // The front and the oldest ring chunks leave: the ring's decayed sum is made again
       // from the terms that stay (no subtraction).
@@ -270,7 +292,7 @@ struct CausalHeadState {
     }
     const Scalar g = std::pow(gamma, Scalar(nb));
     out.kv = g * out.kv + later.kv;
-    out.z = g * out.z + later.z;
+    out.z = g * out.z + later.zSum();
     for (std::size_t i = 0; i < later.ring_kv.size(); ++i) {
       out.pushTerm(later.ringTerm(i), later.ringZ(i));
     }
@@ -281,6 +303,7 @@ struct CausalHeadState {
   void rescale(Scalar factor) {
     kv *= factor;
     z *= factor;
+    zc *= factor;
     for (auto& m : ring_kv) m *= factor;
     for (auto& v : ring_z) v *= factor;
     for (std::size_t i = 0; i < ring_n.size(); ++i) {  // rows (the exp maps' streaming

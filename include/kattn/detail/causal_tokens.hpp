@@ -160,7 +160,7 @@ void causalToken(Scalar gamma, CausalHeadState<Scalar>& st, const ConstBlock<Sca
   } else {
     panels(std::true_type{});
   }
-  st.z = gamma * st.z + kf.row(0).transpose();
+  st.addToZ(gamma, kf.row(0).transpose());
 }
 
 /// Tokens that causalTokens takes through one pass over the state: the block's four readout
@@ -326,10 +326,10 @@ void causalTokens(Scalar gamma, CausalHeadState<Scalar>& st, const ConstBlock<Sc
     };
     if (decays) {
       panels(std::true_type{});
-      st.z = gpow[B] * st.z + wk.colwise().sum().transpose();
+      st.addToZ(gpow[B], wk.colwise().sum().transpose());
     } else {
       panels(std::false_type{});
-      st.z += kf.middleRows(t, B).colwise().sum().transpose();
+      st.addToZ(Scalar(1), kf.middleRows(t, B).colwise().sum().transpose());
     }
   }
   for (; t < L; ++t) {

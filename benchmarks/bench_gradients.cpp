@@ -6,9 +6,9 @@
 ///
 /// G1: W1's core (bench_bidirectional.cpp): attend on projected heads q, k, v [1, T, 8, 64],
 /// exp with a projection, m = 256; backward = kattn::attendBackward.
-/// G3: W3's map, heads and dims (relu, no projection, 8 heads of 64) on the bidirectional
-/// core. W3 itself is causal, and gradients exist for bidirectional layers only so far; once
-/// the causal backward lands, G3 should become W3's causal pass.
+/// G3: W3's causal core (bench_causal.cpp): attend on heads [1, T, 8, 64], relu, no
+/// projection, chunks of one token and a window covering the sequence; backward =
+/// kattn::attendBackward through the causal backward.
 /// G6: W6's whole layer (bench_layer.cpp): forward(x, x) with x [1, T, 512], exp, m = 256,
 /// the projections and the output projection; backward = kattn::backward.
 ///
@@ -19,6 +19,7 @@
 #include <array>
 #include <cmath>
 #include <optional>
+#include <type_traits>
 
 #include "bench_common.hpp"
 #include "flops.hpp"
@@ -58,10 +59,24 @@ kattn::LayerConfig coreConfig(int m) {
   return config;
 }
 
-/// G1/G3: the bidirectional core of `Map` features (m = 0: no projection), S = T.
+/// W3's causal configuration for T tokens: chunks of one token, a window covering them all.
 template <typename Map>
+kattn::LayerConfig causalCoreConfig(int m, Index T) {
+  kattn::LayerConfig config = coreConfig<Map>(m);
+  config.use_causal_windowed = true;
+  config.causal_chunk_length = 1;
+  config.causal_window_length = int(T);
+  return config;
+}
+
+/// G1/G3: the core of `Map` features (m = 0: no projection), S = T, bidirectional (G1) or
+/// causal (G3). The causal count is the bidirectional one (flops.hpp: causality removes no
+/// essential work from the linear form, in either direction).
+template <typename Map, typename Masking>
 void BM_CoreGradients(benchmark::State& state, int threads, Index T, int m, Pass pass) {
-  kattn::KernelAttention<float, Map> layer(coreConfig<Map>(m));
+  constexpr bool causal = std::is_same_v<Masking, kattn::CausalWindowed>;
+  kattn::KernelAttention<float, Map, Masking> layer(causal ? causalCoreConfig<Map>(m, T)
+                                                           : coreConfig<Map>(m));
   layer.setThreads(threads);
   const auto q = headsInput(0, T, kHeads, kKeyDim);
   const auto k = headsInput(1, T, kHeads, kKeyDim);
@@ -161,7 +176,7 @@ void registerGradients() {
       const char* impl = pass == Pass::Forward ? "forward" : "kattn";
       registerBenchmark(benchName("G1", impl, T), Timing{},
                         [T, pass](benchmark::State& state, int threads) {
-                          BM_CoreGradients<kattn::Exp>(state, threads, T, 256, pass);
+                          BM_CoreGradients<kattn::Exp, kattn::Bidirectional>(state, threads, T, 256, pass);
                         });
     }
   }
@@ -170,7 +185,7 @@ void registerGradients() {
       const char* impl = pass == Pass::Forward ? "forward" : "kattn";
       registerBenchmark(benchName("G3", impl, T), Timing{},
                         [T, pass](benchmark::State& state, int threads) {
-                          BM_CoreGradients<kattn::Relu>(state, threads, T, 0, pass);
+                          BM_CoreGradients<kattn::Relu, kattn::CausalWindowed>(state, threads, T, 0, pass);
                         });
     }
   }

@@ -20,6 +20,7 @@
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <kattn/gradients.hpp>
@@ -36,7 +37,11 @@ using CMap = kattn::ConstTensorMap<S, R>;
 constexpr Index kB = 2, kT = 5, kN = 2, kd = 3, kdv = 2, kDq = 4, kDv = 3, kDk = 4, kO = 3;
 constexpr int kM = 4;
 constexpr double kFdTol = 1e-6;
-constexpr std::uint64_t kCall = 5;  // the replayed call: not 0, the number nothing random takes
+constexpr std::uint64_t kCall = 5;  // the replayed call; not 0, the counter's first number
+
+// A `bool training` where a call number belongs does not compile (true is no call 1).
+static_assert(!std::is_convertible_v<bool, std::optional<kattn::TrainingCall>>);
+static_assert(!std::is_convertible_v<std::uint64_t, std::optional<kattn::TrainingCall>>);
 
 /// max |x - ref| / max |ref| over n entries (0 when both are zero).
 template <typename A, typename B>

@@ -1,10 +1,10 @@
 #pragma once
 /// \file
-/// Gradients of the layer in inference mode (docs/training.md), bidirectional or causal:
-/// `backward` for the whole layer, `attendBackward` for the core on heads the caller
-/// projected. Both recompute the forward from its inputs, so nothing but the inputs needs to
-/// be kept between forward and backward; the causal core's backward holds, beyond inputs and
-/// outputs, memory bounded in T (detail/causal_backward.hpp).
+/// Gradients of the layer (docs/training.md), bidirectional or causal, in inference or
+/// training mode: `backward` for the whole layer, `attendBackward` for the core on heads the
+/// caller projected. Both recompute the forward from its inputs, so nothing but the inputs
+/// needs to be kept between forward and backward; the causal core's backward holds, beyond
+/// inputs and outputs, memory bounded in T (detail/causal_backward.hpp).
 ///
 /// Conventions (the reference's TensorFlow graph, differentiated): the random projection is a
 /// constant; expplus's coefficients A, B, D are constants (TF's stop_gradient); the exp
@@ -12,10 +12,13 @@
 /// maximum going to where it is taken (split evenly between ties, as tf.reduce_max's); relu's
 /// derivative at 0 is 0; the key mask multiplies the key features and gets no gradient; the
 /// scale (also with scale_by_length, which depends on the mask alone) is a constant.
-/// Training mode (dropout, projection redraw) is not covered.
+/// Training mode takes the forward call's number (TrainingCall), which fixes its dropout mask
+/// and redrawn projection: the gradient passes through the mask the heads went through.
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <cstdint>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -78,6 +81,18 @@ struct Gradients {
     }
     return out;
   }
+};
+
+/**
+ * \brief The number of a training-mode forward call: KernelAttention::trainingCalls() read
+ * just before the call (or set by setTrainingCalls). It fixes the call's dropout mask and its
+ * redrawn projection, so a backward given it sees the forward's.
+ *
+ * A struct rather than a bare integer so that a `bool training` passed where the backward
+ * expects a call number does not compile.
+ */
+struct TrainingCall {
+  std::uint64_t number = 0;  ///< the call's number
 };
 
 /// The gradients of a loss with respect to the heads given to attend().
@@ -150,6 +165,50 @@ void layerCoreBackward(const KernelAttention<Scalar, FeatureMap, Masking>& layer
   }
 }
 
+/**
+ * Sets `call`'s projection to that of the forward call `training` (nullopt: inference, the
+ * layer's own) and returns its dropout, as KernelAttention::run draws them. A redrawn
+ * projection goes into `redrawn`, which must outlive `call`.
+ * \throws std::invalid_argument naming training_call for a number redraw cannot take.
+ */
+template <typename Scalar, typename FeatureMap, typename Masking>
+Dropout trainingDraws(const KernelAttention<Scalar, FeatureMap, Masking>& layer,
+                      const std::optional<TrainingCall>& training, CoreGradCall<Scalar>& call,
+                      Matrix<Scalar>& redrawn) {
+  if (!training) return Dropout{};
+  const LayerConfig& c = layer.config();
+  try {
+    call.projection = callProjection(c, layer.projection(), true, training->number, redrawn);
+  } catch (const std::invalid_argument& e) {
+    // The layer's sizes and seed passed the same checks at construction: only the number fails.
+    throw std::invalid_argument(std::string("training_call: ") + e.what());
+  }
+  return Dropout{c.dropout, c.seed, training->number, c.dropout > 0};
+}
+
+/**
+ * Multiplies rows x [B T, N d_v] (heads, or their gradients) by the forward call's dropout
+ * mask, whose entries are 0 or 1 / (1 - rate): inverted dropout is linear, so the heads'
+ * gradient goes through the mask the heads went through. The mask is the forward's because
+ * the (part, batch row, row, column) are: begin_kernel's softmax rows [0, K) are part 1, the
+ * other rows part 0 (the cores' OutputPart::stream; the causal core's rows are all part 0).
+ */
+template <typename Scalar>
+void applyDropout(const Dropout& dropout, Matrix<Scalar>& x, Index B, Index T, Index K) {
+  if (!dropout.active) return;
+  Matrix<Scalar> rows;
+  for (Index b = 0; b < B; ++b) {
+    if (K > 0) {
+      rows = x.middleRows(b * T, K);
+      dropout.apply(rows, 1, b, 0);
+      x.middleRows(b * T, K) = rows;
+    }
+    rows = x.middleRows(b * T + K, T - K);
+    dropout.apply(rows, 0, b, K);
+    x.middleRows(b * T + K, T - K) = rows;
+  }
+}
+
 /// A zeroed tensor of the given dims.
 template <typename Scalar, int Rank>
 Tensor<Scalar, Rank> zeros(const std::array<Index, Rank>& dims) {
@@ -161,8 +220,8 @@ Tensor<Scalar, Rank> zeros(const std::array<Index, Rank>& dims) {
 }  // namespace detail
 
 /**
- * \brief The backward of attend() (inference mode): the gradients of a loss with respect to
- * the heads q, k, v, given its gradient with respect to attend's output heads.
+ * \brief The backward of attend(): the gradients of a loss with respect to the heads q, k, v,
+ * given its gradient with respect to attend's output heads.
  * \param layer the layer whose attend() ran: bidirectional (map, projection, scale,
  *        begin_kernel, is_short_seq) or causal (also chunks, window, decay, padding)
  * \param q [B, T, N, d]
@@ -170,14 +229,20 @@ Tensor<Scalar, Rank> zeros(const std::array<Index, Rank>& dims) {
  * \param v [B, S, N, d_v]
  * \param attention_mask [B, S] or std::nullopt, as given to attend()
  * \param grad_heads [B, T, N, d_v], d loss / d heads; finite
+ * \param training_call std::nullopt for an attend() in inference mode; for one in training
+ *        mode, its number (TrainingCall): the backward then uses that call's redrawn
+ *        projection and dropout mask. Any number fits a layer without dropout and redraw
+ *        (its training calls draw nothing, so they are its inference calls).
  * \throws std::invalid_argument naming the tensor on a shape error or a non-finite grad_heads,
  *         and where attend() would (scale_by_length without a fitting mask; causal: S != T,
- *         or T not a multiple of the chunk without padding).
+ *         or T not a multiple of the chunk without padding); naming training_call for a
+ *         number beyond redrawProjection's (with redraw).
  * \note Recomputes the forward. Cost about three forwards, O(B N (T + S) F (d + d_v)) in the
  *       low-rank form; beyond its inputs and outputs it holds O(F d_v) and a block of rows
  *       per head task (the explicit and short forms: a [T, S] matrix, as their forwards).
  *       Causal: per head task a block of rows and the window's chunk terms, O(W F d_v) for a
  *       window of W chunks shorter than the sequence, else O(F d_v); nothing grows with T.
+ *       In training mode with dropout, also the dropped grad_heads, [B, T, N, d_v].
  */
 template <typename Scalar, typename FeatureMap, typename Masking>
 HeadGradients<Scalar> attendBackward(
@@ -186,7 +251,8 @@ HeadGradients<Scalar> attendBackward(
     const ConstTensorMap<detail::NoDeduce<Scalar>, 4>& k,
     const ConstTensorMap<detail::NoDeduce<Scalar>, 4>& v,
     const std::optional<ConstTensorMap<detail::NoDeduce<Scalar>, 2>>& attention_mask,
-    const ConstTensorMap<detail::NoDeduce<Scalar>, 4>& grad_heads) {
+    const ConstTensorMap<detail::NoDeduce<Scalar>, 4>& grad_heads,
+    const std::optional<TrainingCall>& training_call = std::nullopt) {
   const Index N = layer.numHeads(), d = layer.keyDim(), dv = layer.valueDim();
   const Index B = q.dimension(0), T = q.dimension(1), S = k.dimension(1);
   checkShape<4>("q", q.dimensions(), {-1, -1, N, d});
@@ -197,6 +263,14 @@ HeadGradients<Scalar> attendBackward(
   detail::requireFinite("grad_heads", grad_heads.data(), grad_heads.size());
   detail::CoreGradCall<Scalar> call =
       detail::gradCall(layer, B, T, S, attention_mask ? attention_mask->data() : nullptr);
+  Matrix<Scalar> redrawn, dropped_grad;
+  const detail::Dropout dropout = detail::trainingDraws(layer, training_call, call, redrawn);
+  call.grad = grad_heads.data();
+  if (dropout.active) {
+    dropped_grad = Eigen::Map<const Matrix<Scalar>>(grad_heads.data(), B * T, N * dv);
+    detail::applyDropout(dropout, dropped_grad, B, T, std::min<Index>(call.begin_kernel, T));
+    call.grad = dropped_grad.data();
+  }
   HeadGradients<Scalar> out;
   out.q = detail::zeros<Scalar, 4>({B, T, N, d});
   out.k = detail::zeros<Scalar, 4>({B, S, N, d});
@@ -204,7 +278,6 @@ HeadGradients<Scalar> attendBackward(
   call.q = q.data();
   call.k = k.data();
   call.v = v.data();
-  call.grad = grad_heads.data();
   call.dq = out.q.data();
   call.dk = out.k.data();
   call.dv = out.v.data();
@@ -213,9 +286,8 @@ HeadGradients<Scalar> attendBackward(
 }
 
 /**
- * \brief The backward of the layer's forward in inference mode (training = false): the
- * gradients of a loss with respect to the inputs and every weight, given its gradient with
- * respect to the output.
+ * \brief The backward of the layer's forward: the gradients of a loss with respect to the
+ * inputs and every weight, given its gradient with respect to the output.
  * \param layer a bidirectional or causal layer with weights
  * \param query [B, T, D_q]
  * \param value [B, S, D_v]
@@ -223,8 +295,13 @@ HeadGradients<Scalar> attendBackward(
  *        gradient is then added into the value's)
  * \param attention_mask [B, S] or std::nullopt
  * \param grad_output [B, T, O], d loss / d output; finite
+ * \param training_call std::nullopt for a forward in inference mode (training = false); for
+ *        one in training mode, its number (TrainingCall: trainingCalls() read just before
+ *        it): the backward then uses that call's redrawn projection and dropout mask, and
+ *        advances no counter. Any number fits a layer without dropout and redraw.
  * \throws std::invalid_argument naming the tensor where forward would, for a grad_output of
- *         another shape, or a non-finite one; std::logic_error for a layer without weights.
+ *         another shape, or a non-finite one, and naming training_call for a number beyond
+ *         redrawProjection's (with redraw); std::logic_error for a layer without weights.
  * \note Recomputes the forward from the inputs (docs/training.md): beyond the inputs, the
  *       gradients and the output-sized grad_output it holds the projected heads q, k, v, the
  *       attention heads and their gradients, O(B (T + S) N (d + d_v)), plus the core's work.
@@ -236,7 +313,8 @@ Gradients<Scalar> backward(
     const ConstTensorMap<detail::NoDeduce<Scalar>, 3>& value,
     const std::optional<ConstTensorMap<detail::NoDeduce<Scalar>, 3>>& key,
     const std::optional<ConstTensorMap<detail::NoDeduce<Scalar>, 2>>& attention_mask,
-    const ConstTensorMap<detail::NoDeduce<Scalar>, 3>& grad_output) {
+    const ConstTensorMap<detail::NoDeduce<Scalar>, 3>& grad_output,
+    const std::optional<TrainingCall>& training_call = std::nullopt) {
   using Mat = Matrix<Scalar>;
   using CMap = Eigen::Map<const Mat>;
   using MapMat = Eigen::Map<Mat>;
@@ -255,6 +333,8 @@ Gradients<Scalar> backward(
   checkShape<3>("grad_output", grad_output.dimensions(), {B, T, O});
   detail::requireFinite("grad_output", grad_output.data(), grad_output.size());
   detail::CoreGradCall<Scalar> call = detail::gradCall(layer, B, T, S, in.mask);
+  Mat redrawn;
+  const detail::Dropout dropout = detail::trainingDraws(layer, training_call, call, redrawn);
 
   // The forward's projections (x W + b, rows of all heads).
   auto project = [](const ConstTensorMap<Scalar, 3>& x, const Tensor<Scalar, 3>& kernel,
@@ -279,6 +359,7 @@ Gradients<Scalar> backward(
     if (K > 0) da.middleRows(b * T, K).noalias() = dy.middleRows(b * T, K) * wos.transpose();
     da.middleRows(b * T + K, T - K).noalias() = dy.middleRows(b * T + K, T - K) * wo.transpose();
   }
+  detail::applyDropout(dropout, da, B, T, K);
 
   Mat heads = Mat::Zero(B * T, Ndv), dq = Mat::Zero(B * T, Nd), dk = Mat::Zero(B * S, Nd),
       dv = Mat::Zero(B * S, Ndv);
@@ -291,6 +372,7 @@ Gradients<Scalar> backward(
   call.dv = dv.data();
   call.heads = heads.data();
   detail::layerCoreBackward(layer, call);
+  detail::applyDropout(dropout, heads, B, T, K);  // the output projection saw them dropped
 
   Gradients<Scalar> g;
   g.has_biases = c.use_bias;

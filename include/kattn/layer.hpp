@@ -155,6 +155,14 @@ class KernelAttention {
   void setCoreForm(CoreForm form) { m_form = form; }
   /// The form setCoreForm chose (Auto unless set).
   CoreForm coreForm() const { return m_form; }
+  /// The number the next training call with dropout or redraw takes (its dropout mask and
+  /// redrawn projection derive from it; kattn::backward takes it, docs/training.md). Calls on
+  /// one layer take numbers in the order they start: to know a call's number when calling from
+  /// several threads, serialise the calls, or give each thread a copy of the layer with its own
+  /// range of numbers (a copy's counter starts where the original's stood).
+  std::uint64_t trainingCalls() const { return m_training_calls.value.load(); }
+  /// Sets trainingCalls(): to replay call k, or to resume from a checkpoint. Not during calls.
+  void setTrainingCalls(std::uint64_t next) { m_training_calls.value.store(next); }
 
   /**
    * \brief The working memory, in bytes, that a forward over B rows of T queries and S keys
@@ -520,8 +528,7 @@ class KernelAttention {
   mutable bool m_drawn_on_first_call = false;  // the input widths are the first call's
   mutable detail::CopyableAtomic<bool> m_has_weights;
   std::shared_ptr<std::mutex> m_build_mutex = std::make_shared<std::mutex>();
-  mutable detail::CopyableAtomic<std::uint64_t> m_training_calls;  // numbers training calls:
-                                                                   // redraw k, dropout stream k
+  mutable detail::CopyableAtomic<std::uint64_t> m_training_calls;  // trainingCalls()
   std::shared_ptr<const ThreadPool> m_pool = defaultThreadPool();
   CoreForm m_form = CoreForm::Auto;
   // Reusable buffers; shared by copies of the layer (they are only scratch space).

@@ -28,6 +28,7 @@
 #include "detail/backward_core.hpp"
 #include "detail/call_checks.hpp"
 #include "detail/causal_backward.hpp"
+#include "detail/dense.hpp"
 #include "layer.hpp"
 #include "tensor.hpp"
 #include "weights.hpp"
@@ -336,12 +337,15 @@ Gradients<Scalar> backward(
   Mat redrawn;
   const detail::Dropout dropout = detail::trainingDraws(layer, training_call, call, redrawn);
 
+  // Every dense product runs on the layer's pool, in slices fixed by the shapes
+  // (detail/dense.hpp), so that the gradients do not depend on the thread count.
+  const ThreadPool* pool = layer.threadPool().get();
   // The forward's projections (x W + b, rows of all heads).
-  auto project = [](const ConstTensorMap<Scalar, 3>& x, const Tensor<Scalar, 3>& kernel,
-                    const Tensor<Scalar, 2>& bias, Index cols) {
+  auto project = [&](const ConstTensorMap<Scalar, 3>& x, const Tensor<Scalar, 3>& kernel,
+                     const Tensor<Scalar, 2>& bias, Index cols) {
     const Index rows = x.dimension(0) * x.dimension(1), D = x.dimension(2);
     Mat out(rows, cols);
-    out.noalias() = CMap(x.data(), rows, D) * CMap(kernel.data(), D, cols);
+    detail::productRows(CMap(x.data(), rows, D), CMap(kernel.data(), D, cols), out, false, pool);
     if (bias.size()) out.rowwise() += Eigen::Map<const RowVec>(bias.data(), cols);
     return out;
   };
@@ -356,8 +360,12 @@ Gradients<Scalar> backward(
   const CMap wos(W.output_softmax_kernel.data(), K > 0 ? Ndv : 0, O);
   Mat da(B * T, Ndv);
   for (Index b = 0; b < B; ++b) {
-    if (K > 0) da.middleRows(b * T, K).noalias() = dy.middleRows(b * T, K) * wos.transpose();
-    da.middleRows(b * T + K, T - K).noalias() = dy.middleRows(b * T + K, T - K) * wo.transpose();
+    if (K > 0) {
+      detail::productRows(dy.middleRows(b * T, K), wos.transpose(), da.middleRows(b * T, K),
+                          false, pool);
+    }
+    detail::productRows(dy.middleRows(b * T + K, T - K), wo.transpose(),
+                        da.middleRows(b * T + K, T - K), false, pool);
   }
   detail::applyDropout(dropout, da, B, T, K);
 
@@ -384,8 +392,8 @@ Gradients<Scalar> backward(
     RowVec db = RowVec::Zero(O);
     for (Index b = 0; b < B; ++b) {
       if (r1 <= r0) break;
-      dw.noalias() += heads.middleRows(b * T + r0, r1 - r0).transpose() *
-                      dy.middleRows(b * T + r0, r1 - r0);
+      detail::productColumns(heads.middleRows(b * T + r0, r1 - r0),
+                             dy.middleRows(b * T + r0, r1 - r0), dw, true, pool);
       db += dy.middleRows(b * T + r0, r1 - r0).colwise().sum();
     }
     if (c.use_bias) {
@@ -404,13 +412,15 @@ Gradients<Scalar> backward(
                    Tensor<Scalar, 3>& dx, bool add) {
     const Index rows = x.dimension(0) * x.dimension(1), D = x.dimension(2), cols = dh.cols();
     dkernel = Tensor<Scalar, 3>(kernel.dimensions());
-    MapMat(dkernel.data(), D, cols).noalias() = CMap(x.data(), rows, D).transpose() * dh;
+    detail::productColumns(CMap(x.data(), rows, D), dh, MapMat(dkernel.data(), D, cols), false,
+                           pool);
     if (c.use_bias) {
       dbias = Tensor<Scalar, 2>(kernel.dimension(1), kernel.dimension(2));
       MapMat(dbias.data(), 1, cols) = dh.colwise().sum();
     }
-    if (!add) dx = detail::zeros<Scalar, 3>({x.dimension(0), x.dimension(1), D});
-    MapMat(dx.data(), rows, D).noalias() += dh * CMap(kernel.data(), D, cols).transpose();
+    if (!add) dx = Tensor<Scalar, 3>(x.dimension(0), x.dimension(1), D);
+    detail::productRows(dh, CMap(kernel.data(), D, cols).transpose(), MapMat(dx.data(), rows, D),
+                        add, pool);
   };
   dense(in.query, W.query_kernel, dq, g.weights.query_kernel, g.weights.query_bias, g.query,
         false);

@@ -3,6 +3,8 @@
 /// \private The dense (Keras EinsumDense) projections of the layer: inputs to per-head rows
 /// (SPEC 1.1) and heads to outputs (SPEC 1.5), as GEMMs over all heads at once.
 
+#include <algorithm>
+
 #include "../tensor.hpp"
 #include "schedule.hpp"
 
@@ -61,6 +63,47 @@ void outputRows(const Matrix<Scalar>& a, const Tensor<Scalar, 3>& kernel,
     out.noalias() = a.middleRows(s0, len) * W;
     if (bias.size()) out.rowwise() += Eigen::Map<const RowVec>(bias.data(), O);
   });
+}
+
+/// Columns of one slice of productColumns.
+inline constexpr Index kSliceColumns = 64;
+
+/// out = lhs rhs, or out += lhs rhs when `accumulate`, the rows of lhs and out in the fixed
+/// slices of forRowSlices on the pool (for the backward's projections and input gradients).
+template <typename Lhs, typename Rhs, typename Out>
+void productRows(const Lhs& lhs, const Rhs& rhs, Out&& out, bool accumulate,
+                 const ThreadPool* pool) {
+  forRowSlices(lhs.rows(), pool, [&](Index s0, Index len) {
+    auto o = out.middleRows(s0, len);
+    if (accumulate) {
+      o.noalias() += lhs.middleRows(s0, len) * rhs;
+    } else {
+      o.noalias() = lhs.middleRows(s0, len) * rhs;
+    }
+  });
+}
+
+/// out = lhs^T rhs (a sum over all rows, as a weight's gradient x^T dh), or out += when
+/// `accumulate`, in fixed slices of kSliceColumns columns of rhs and out on the pool: a
+/// split of the sum over rows would need a reduction whose order followed the thread count.
+template <typename Lhs, typename Rhs, typename Out>
+void productColumns(const Lhs& lhs, const Rhs& rhs, Out&& out, bool accumulate,
+                    const ThreadPool* pool) {
+  const Index cols = rhs.cols(), slices = (cols + kSliceColumns - 1) / kSliceColumns;
+  auto slice = [&](Index i) {
+    const Index c0 = i * kSliceColumns, len = std::min(kSliceColumns, cols - c0);
+    auto o = out.middleCols(c0, len);
+    if (accumulate) {
+      o.noalias() += lhs.transpose() * rhs.middleCols(c0, len);
+    } else {
+      o.noalias() = lhs.transpose() * rhs.middleCols(c0, len);
+    }
+  };
+  if (slices <= 1) {
+    if (cols > 0) slice(0);
+    return;
+  }
+  forEach(slices, pool, slice);
 }
 
 }  // namespace detail

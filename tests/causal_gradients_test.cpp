@@ -30,6 +30,8 @@
 namespace {
 
 using kattn::Index;
+using kattn_test::randomTensor;
+using kattn_test::relError;
 template <typename S, int R>
 using Tensor = kattn::Tensor<S, R>;
 template <typename S, int R>
@@ -69,25 +71,6 @@ double expectMatches(const std::string& what, const double* analytic,
   for (std::size_t i = 0; i < fd.size(); ++i) err = std::max(err, std::abs(analytic[i] - fd[i]));
   EXPECT_LE(err / scale, tol) << what;
   return err / scale;
-}
-
-template <typename A, typename B>
-double relError(const A* x, const B* ref, Index n) {
-  double err = 0, scale = 0;
-  for (Index i = 0; i < n; ++i) {
-    err = std::max(err, std::abs(double(x[i]) - double(ref[i])));
-    scale = std::max(scale, std::abs(double(ref[i])));
-  }
-  return scale > 0 ? err / scale : err;
-}
-
-template <int R>
-Tensor<double, R> randomTensor(std::mt19937_64& gen, double sd, const std::array<Index, R>& dims,
-                               double offset = 0) {
-  Tensor<double, R> t(dims);
-  std::normal_distribution<double> nd(0.0, sd);
-  for (Index i = 0; i < t.size(); ++i) t.data()[i] = offset + nd(gen);
-  return t;
 }
 
 std::vector<double> centralDifferences(double* x, Index n, const std::function<double()>& f) {

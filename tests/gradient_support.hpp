@@ -1,9 +1,14 @@
 #pragma once
-// What the gradient tests share (gradients_test, causal_gradients_test): the built-in maps as
-// types for a generic lambda, and expplus with its coefficients frozen, whose forward is the
-// function the backward differentiates.
+// What the gradient tests share (gradients_test, causal_gradients_test,
+// gradients_training_test): random inputs, the error measure, the built-in maps as types for a
+// generic lambda, and expplus with its coefficients frozen, whose forward is the function the
+// backward differentiates.
 
+#include <algorithm>
+#include <array>
+#include <cmath>
 #include <cstddef>
+#include <random>
 #include <vector>
 
 #include <kattn/kattn.hpp>
@@ -11,6 +16,27 @@
 namespace kattn_test {
 
 using kattn::Index;
+
+/// max |x - ref| / max |ref| over two arrays of n entries (0 when both are zero).
+template <typename A, typename B>
+double relError(const A* x, const B* ref, Index n) {
+  double err = 0, scale = 0;
+  for (Index i = 0; i < n; ++i) {
+    err = std::max(err, std::abs(double(x[i]) - double(ref[i])));
+    scale = std::max(scale, std::abs(double(ref[i])));
+  }
+  return scale > 0 ? err / scale : err;
+}
+
+/// A float64 tensor of the given dims, entries offset + N(0, sd^2).
+template <int R>
+kattn::Tensor<double, R> randomTensor(std::mt19937_64& gen, double sd,
+                                      const std::array<Index, R>& dims, double offset = 0) {
+  kattn::Tensor<double, R> t(dims);
+  std::normal_distribution<double> nd(0.0, sd);
+  for (Index i = 0; i < t.size(); ++i) t.data()[i] = offset + nd(gen);
+  return t;
+}
 
 /// A float64 tensor as float32 (the float32 checks take the float64 problem).
 template <int R>

@@ -29,6 +29,8 @@
 namespace {
 
 using kattn::Index;
+using kattn_test::randomTensor;
+using kattn_test::relError;
 template <typename S, int R>
 using Tensor = kattn::Tensor<S, R>;
 template <typename S, int R>
@@ -64,26 +66,6 @@ void expectMatches(const std::string& what, const double* analytic, const std::v
   double err = 0;
   for (std::size_t i = 0; i < fd.size(); ++i) err = std::max(err, std::abs(analytic[i] - fd[i]));
   EXPECT_LE(err / scale, kFdTol) << what;
-}
-
-/// max |x - ref| / max |ref| over two arrays of n entries (0 when both are zero).
-template <typename A, typename B>
-double relError(const A* x, const B* ref, Index n) {
-  double err = 0, scale = 0;
-  for (Index i = 0; i < n; ++i) {
-    err = std::max(err, std::abs(double(x[i]) - double(ref[i])));
-    scale = std::max(scale, std::abs(double(ref[i])));
-  }
-  return scale > 0 ? err / scale : err;
-}
-
-template <int R>
-Tensor<double, R> randomTensor(std::mt19937_64& gen, double sd, const std::array<Index, R>& dims,
-                               double offset = 0) {
-  Tensor<double, R> t(dims);
-  std::normal_distribution<double> nd(0.0, sd);
-  for (Index i = 0; i < t.size(); ++i) t.data()[i] = offset + nd(gen);
-  return t;
 }
 
 /// The inputs of one backward, and the upstream gradient.

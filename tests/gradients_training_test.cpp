@@ -26,9 +26,13 @@
 #include <kattn/gradients.hpp>
 #include <kattn/kattn.hpp>
 
+#include "gradient_support.hpp"
+
 namespace {
 
 using kattn::Index;
+using kattn_test::randomTensor;
+using kattn_test::relError;
 template <typename S, int R>
 using Tensor = kattn::Tensor<S, R>;
 template <typename S, int R>
@@ -42,26 +46,6 @@ constexpr std::uint64_t kCall = 5;  // the replayed call; not 0, the counter's f
 // A `bool training` where a call number belongs does not compile (true is no call 1).
 static_assert(!std::is_convertible_v<bool, std::optional<kattn::TrainingCall>>);
 static_assert(!std::is_convertible_v<std::uint64_t, std::optional<kattn::TrainingCall>>);
-
-/// max |x - ref| / max |ref| over n entries (0 when both are zero).
-template <typename A, typename B>
-double relError(const A* x, const B* ref, Index n) {
-  double err = 0, scale = 0;
-  for (Index i = 0; i < n; ++i) {
-    err = std::max(err, std::abs(double(x[i]) - double(ref[i])));
-    scale = std::max(scale, std::abs(double(ref[i])));
-  }
-  return scale > 0 ? err / scale : err;
-}
-
-template <int R>
-Tensor<double, R> randomTensor(std::mt19937_64& gen, double sd, const std::array<Index, R>& dims,
-                               double offset = 0) {
-  Tensor<double, R> t(dims);
-  std::normal_distribution<double> nd(0.0, sd);
-  for (Index i = 0; i < t.size(); ++i) t.data()[i] = offset + nd(gen);
-  return t;
-}
 
 /// The inputs of one backward, and the upstream gradient.
 struct Problem {

@@ -141,13 +141,14 @@ class StatePool {
   /**
    * \brief Writes the whole pool: which slots are in use, their states and the free list.
    *
-   * The format, all integers int64 little-endian: the 8 bytes `KATTNPL1`, sizeof(Scalar),
-   * capacity(), mode() (0 recurrent, 1 exact); then per slot in order its in-use flag (0 or 1)
-   * followed, for a slot in use, by exactly the bytes `save(slot, os)` writes (StreamingState's
-   * one-row format); then the free list: its length and the free slots in the order the pool
-   * keeps them (acquire() takes the last), so that a loaded pool hands out the same slots.
+   * The format, every integer an int64 in the host's byte order (as StreamingState's): the 8
+   * bytes `KATTNPL1`, sizeof(Scalar), capacity(), mode() (0 recurrent, 1 exact); then per slot
+   * in order its in-use flag (0 or 1) followed, for a slot in use, by exactly the bytes
+   * `save(slot, os)` writes (StreamingState's one-row format); then the free list: its length
+   * and the free slots in the order the pool keeps them (acquire() takes the last), so that a
+   * loaded pool hands out the same slots.
    * \throws std::runtime_error when the stream fails.
-   * \note O(capacity() + the states in use); a free slot costs 8 bytes.
+   * \note O(capacity() + the states in use); a free slot costs 16 bytes.
    */
   void saveAll(std::ostream& os) const {
     os.write(kPoolMagic, sizeof(kPoolMagic));

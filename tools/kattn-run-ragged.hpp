@@ -216,7 +216,7 @@ void runRagged(const Options& opt, const kattn::LayerConfig& config,
   kattn::detail::visitFeatureMap(config.feature_transform, [&](auto map) {
     using Map = decltype(map);
     if constexpr (kattn::feature_map_traits<Map>::bidirectional_only) {
-      throw std::logic_error("kattn-run: a map that cannot stream made a pool");
+      throw std::logic_error("internal error: a map that cannot stream made a pool");
     } else {
       kattn::KernelAttention<Scalar, Map, kattn::CausalWindowed> layer(config);
       if (opt.threads) layer.setThreads(*opt.threads);

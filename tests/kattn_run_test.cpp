@@ -1,8 +1,8 @@
 // tools/kattn-run, run as a separate process: the golden cases converted to its file contract
 // (call mode, recurrent streaming through cache tensors, exact streaming through state
-// files), the seed's projection, --backward (against kattn::backward in process and central
-// differences of kattn-run's own forward), and one test per class of malformed input or
-// command line.
+// files), ragged calls of many sequences over a pool file (golden rows per sequence), the
+// seed's projection, --backward (against kattn::backward in process and central differences of
+// kattn-run's own forward), and one test per class of malformed input or command line.
 #include <gtest/gtest.h>
 
 #include <sys/wait.h>
@@ -20,6 +20,7 @@
 #include <set>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <kattn/io/config_json.hpp>
@@ -1242,6 +1243,288 @@ TEST(KattnRunBackward, Mistakes) {
               {"'grad/output'", "only with --backward"});
   expectSuccess(runCli(backward32, dir));
 
+}
+
+// ---------------------------------------------------------------------------------------
+// Ragged calls: many sequences in one --stream call, their states in a pool file
+
+/// Rows [t0, t0 + L) of batch row b of a [B, T, D] tensor, as [L, D].
+Tensor<double, 2> sequenceRows(const Tensor<double, 3>& t, Index b, Index t0, Index L) {
+  Tensor<double, 2> out(L, t.dimension(2));
+  for (Index i = 0; i < L; ++i)
+    for (Index j = 0; j < t.dimension(2); ++j) out(i, j) = t(b, t0 + i, j);
+  return out;
+}
+
+/// The pieces one under another, [sum of rows, D].
+Tensor<double, 2> stacked(const std::vector<Tensor<double, 2>>& pieces, Index D) {
+  Index total = 0;
+  for (const auto& p : pieces) total += p.dimension(0);
+  Tensor<double, 2> out(total, D);
+  Index at = 0;
+  for (const auto& p : pieces) {
+    std::copy(p.data(), p.data() + p.size(), out.data() + at * D);
+    at += p.dimension(0);
+  }
+  return out;
+}
+
+/// in.safetensors of a ragged call: query [total, D] as F64, offsets and slots as I64 (written
+/// by hand: SafeTensorsWriter writes float dtypes only).
+void writeRaggedInputs(const std::string& path, const Tensor<double, 2>& query,
+                       const std::vector<Index>& offsets, const std::vector<Index>& slots) {
+  std::string header = "{", data;
+  auto add = [&](const std::string& name, const char* dtype, const std::string& shape,
+                 const void* bytes, std::size_t n) {
+    header += (header.size() > 1 ? "," : "") + ("\"" + name + "\":{\"dtype\":\"") + dtype +
+              "\",\"shape\":[" + shape + "],\"data_offsets\":[" + std::to_string(data.size()) +
+              "," + std::to_string(data.size() + n) + "]}";
+    if (n) data.append(static_cast<const char*>(bytes), n);
+  };
+  const std::vector<std::int64_t> off(offsets.begin(), offsets.end()), sl(slots.begin(), slots.end());
+  add("offsets", "I64", std::to_string(off.size()), off.data(), 8 * off.size());
+  add("slots", "I64", std::to_string(sl.size()), sl.data(), 8 * sl.size());
+  add("query", "F64",
+      std::to_string(query.dimension(0)) + "," + std::to_string(query.dimension(1)),
+      query.data(), sizeof(double) * std::size_t(query.size()));
+  header += "}";
+  header.append((8 - header.size() % 8) % 8, ' ');
+  std::string file(8, '\0');
+  const std::uint64_t n = header.size();
+  std::memcpy(file.data(), &n, 8);
+  writeAll(path, file + header + data);
+}
+
+/// One piece of a ragged call: rows [t0, t0 + L) of batch row `row` of the case, in `slot`.
+struct Piece {
+  Index slot, row, t0, L;
+};
+
+/// Runs the calls of `calls` one after another, each but the first from the previous call's
+/// pool (--state-in), the first with `first_args`; every piece's output rows must equal the
+/// case's expected rows within `tol`. The pool file after call i is `pool<i>` in `dir`.
+void runRaggedCalls(const GoldenCase& gc, const std::vector<std::vector<Piece>>& calls,
+                    const std::string& dtype, double tol, const TempDir& dir,
+                    const std::vector<std::string>& first_args = {}) {
+  writeLayerFiles(gc, dir);
+  const auto query = gc.tensor<double, 3>("query");
+  const auto want = gc.tensor<double, 3>("expected/output");
+  for (std::size_t c = 0; c < calls.size(); ++c) {
+    SCOPED_TRACE("call " + std::to_string(c));
+    std::vector<Tensor<double, 2>> rows;
+    std::vector<Index> offsets{0}, slots;
+    for (const Piece& p : calls[c]) {
+      rows.push_back(sequenceRows(query, p.row, p.t0, p.L));
+      offsets.push_back(offsets.back() + p.L);
+      slots.push_back(p.slot);
+    }
+    writeRaggedInputs(dir.file("in.safetensors"), stacked(rows, query.dimension(2)), offsets, slots);
+    auto args = baseArgs(dir, dtype);
+    args.insert(args.end(), {"--stream", "--state-out", dir.file("pool" + std::to_string(c))});
+    if (c == 0) args.insert(args.end(), first_args.begin(), first_args.end());
+    if (c > 0) args.insert(args.end(), {"--state-in", dir.file("pool" + std::to_string(c - 1))});
+    const RunResult r = runCli(args, dir);
+    expectSuccess(r);
+    if (r.code != 0) return;
+    const auto out = SafeTensors::load(dir.file("out.safetensors"));
+    EXPECT_EQ(out.names(), std::vector<std::string>{"output"});
+    const auto got = out.tensor<double, 2>("output");
+    ASSERT_EQ(got.dimension(0), offsets.back());
+    for (std::size_t i = 0; i < calls[c].size(); ++i) {
+      const Piece& p = calls[c][i];
+      SCOPED_TRACE("slot " + std::to_string(p.slot));
+      const Tensor<double, 2> got_rows = got.slice(
+          Eigen::array<Index, 2>{offsets[i], 0}, Eigen::array<Index, 2>{p.L, got.dimension(1)});
+      EXPECT_LE(kattn_test::relativeError(got_rows, sequenceRows(want, p.row, p.t0, p.L)), tol);
+    }
+  }
+}
+
+TEST(GoldenCliRagged, ExactModeSequencesAtDifferentProgressEqualTheWholePass) {
+  // Batch rows 0 and 1 of an exact-mode case (no decay; chunks of 3, right padding) as two
+  // sequences in slots 0 and 1: the first call takes 6 and 12 tokens, the second the rest
+  // (11 and 5, ending inside a chunk as right padding allows), in the other slot order.
+  const GoldenCase gc("causal_elu_M10_c3_w2_nodecay_right_onesmask_s0.7");
+  ASSERT_FALSE(gc.config.causal_window_decay);
+  ASSERT_FALSE(gc.has("key"));
+  ASSERT_EQ((gc.tensor<double, 3>("query").dimension(1)), 17);
+  const std::vector<std::vector<Piece>> calls{{{0, 0, 0, 6}, {1, 1, 0, 12}},
+                                              {{1, 1, 12, 5}, {0, 0, 6, 11}}};
+  for (const std::string dtype : {"float64", "float32"}) {
+    SCOPED_TRACE(dtype);
+    TempDir dir("kattn_run_test");
+    runRaggedCalls(gc, calls, dtype, toleranceFor(dtype), dir);
+  }
+}
+
+TEST(GoldenCliRagged, RecurrentSlotJoinsALoadedPool) {
+  // A recurrent case (decay 0.5) fed in its own calls of 3, 1, 5 and 2 tokens, twice: slot 1
+  // starts one call after slot 0, acquired from the loaded pool as a new sequence; slot 0 is
+  // left alone in the last call.
+  const GoldenCase gc("stream_relu_noproj_calls3-1-5-2_d0.5_onesmask");
+  const auto kv0 = gc.tensor<double, 4>("cache/kv");
+  const Tensor<double, 4> zeros = Tensor<double, 4>(kv0.dimensions()).setZero();
+  ASSERT_EQ(kattn_test::relativeError(kv0, zeros), 0.0);
+  std::vector<Index> starts{0};
+  for (const auto& l : gc.meta.at("stream_chunk_lengths")) starts.push_back(starts.back() + l.get<Index>());
+  const std::size_t n = starts.size() - 1;
+  std::vector<std::vector<Piece>> calls(n + 1);
+  for (std::size_t k = 0; k <= n; ++k) {
+    if (k < n) calls[k].push_back({0, 0, starts[k], starts[k + 1] - starts[k]});
+    if (k > 0) calls[k].push_back({1, 0, starts[k - 1], starts[k] - starts[k - 1]});
+  }
+  TempDir dir("kattn_run_test");
+  runRaggedCalls(gc, calls, "float64", 1e-10, dir, {"--pool-capacity", "2"});
+}
+
+TEST(GoldenCliRagged, PoolFilesRoundTrip) {
+  // A call that advances nothing writes back the pool it read, byte for byte: after a first
+  // call (slots at 6 and 12 tokens), and after a second that finished both slots (their calls
+  // ended inside a chunk).
+  const GoldenCase gc("causal_elu_M10_c3_w2_nodecay_right_onesmask_s0.7");
+  TempDir dir("kattn_run_test");
+  runRaggedCalls(gc, {{{0, 0, 0, 6}, {1, 1, 0, 12}}, {{1, 1, 12, 5}, {0, 0, 6, 11}}}, "float64",
+                 1e-10, dir);
+  const std::string pool0 = readAll(dir.file("pool0")), pool1 = readAll(dir.file("pool1"));
+  ASSERT_EQ(pool0.rfind("KATTNPL1", 0), 0u);
+  const Tensor<double, 2> none(0, gc.tensor<double, 3>("query").dimension(2));
+  for (const auto& [pool, slots, offsets] :
+       {std::tuple<std::string, std::vector<Index>, std::vector<Index>>{"pool0", {0}, {0, 0}},
+        {"pool1", {}, {0}}}) {
+    SCOPED_TRACE(pool);
+    writeRaggedInputs(dir.file("in.safetensors"), none, offsets, slots);
+    auto args = baseArgs(dir, "float64");
+    args.insert(args.end(), {"--stream", "--state-in", dir.file(pool), "--state-out",
+                             dir.file("again")});
+    expectSuccess(runCli(args, dir));
+    EXPECT_EQ(readAll(dir.file("again")), readAll(dir.file(pool)));
+  }
+  EXPECT_NE(pool0, pool1);
+}
+
+TEST(KattnRunRagged, Mistakes) {
+  TempDir dir("kattn_run_test");
+  SmallLayer small;
+  small.config.use_causal_windowed = true;
+  small.config.causal_chunk_length = 2;  // exact mode, whole chunks of 2
+  small.writeAllFiles(dir);
+  const Tensor<double, 2> x =
+      stacked({sequenceRows(small.query, 0, 0, 3), sequenceRows(small.query, 1, 0, 1)}, 5);  // [4, 5]
+  auto ragged = baseArgs(dir, "float64");
+  ragged.push_back("--stream");
+  auto with = [&](std::initializer_list<std::string> extra) {
+    std::vector<std::string> a = ragged;
+    a.insert(a.end(), extra);
+    return a;
+  };
+  auto inputs = [&](const std::vector<Index>& offsets, const std::vector<Index>& slots) {
+    writeRaggedInputs(dir.file("in.safetensors"), x, offsets, slots);
+  };
+  // The layer's own checks, with their messages.
+  inputs({0, 2, 4}, {0, 1});
+  expectSuccess(runCli(ragged, dir));
+  inputs({0, 1, 4}, {0, 1});
+  expectError(runCli(ragged, dir), 1,
+              {"in.safetensors", "sequence 0 brings 1 token, not a multiple of causal_chunk_length 2"});
+  inputs({0, 2, 6}, {0, 1});
+  expectError(runCli(ragged, dir), 1, {"offsets: must start at 0 and end at the token count 4"});
+  inputs({0, 2}, {0, 1});
+  expectError(runCli(ragged, dir), 1, {"offsets: expected one more entry than slots"});
+  inputs({0, 2, 4}, {1, 1});
+  expectError(runCli(ragged, dir), 1, {"slot 1 appears twice in one call"});
+  inputs({0, 2, 4}, {0, -1});
+  expectError(runCli(ragged, dir), 1, {"tensor 'slots'", "slot -1 does not exist"});
+  inputs({0, 2, 4}, {0, 3});
+  expectError(runCli(with({"--pool-capacity", "2"}), dir), 1,
+              {"slot 3 does not exist (capacity 2)"});
+
+  // The inputs kattn-run reads: offsets and slots together, integers, self-attention only.
+  SafeTensorsWriter half;
+  half.add("query", x);
+  half.add("offsets", Tensor<double, 1>(2).setValues({0, 4}));
+  half.write(dir.file("in.safetensors"));
+  expectError(runCli(ragged, dir), 1, {"tensor 'offsets' without 'slots'"});
+  expectError(runCli(baseArgs(dir, "float64"), dir), 1, {"'offsets'", "only with --stream"});
+  auto floats = [&](std::initializer_list<std::pair<std::string, Tensor<double, 2>>> extra,
+                    double slot) {
+    SafeTensorsWriter in;
+    in.add("query", x);
+    in.add("offsets", Tensor<double, 1>(2).setValues({0, 4}));
+    in.add("slots", Tensor<double, 1>(1).setValues({slot}));
+    for (const auto& [name, t] : extra) in.add(name, t);
+    in.write(dir.file("in.safetensors"));
+  };
+  floats({}, 0);
+  expectSuccess(runCli(ragged, dir));  // whole numbers in a float dtype
+  floats({{"value", x}}, 0);
+  expectSuccess(runCli(ragged, dir));  // the query's rows again
+  floats({}, 0.5);
+  expectError(runCli(ragged, dir), 1, {"tensor 'slots'", "expected whole numbers, got 0.5"});
+  Tensor<double, 2> other = x;
+  other(1, 1) += 1;
+  floats({{"value", other}}, 0);
+  expectError(runCli(ragged, dir), 1, {"tensor 'value'", "self-attention", "other values"});
+  floats({{"key", sequenceRows(small.query, 0, 0, 2)}}, 0);
+  expectError(runCli(ragged, dir), 1, {"tensor 'key'", "self-attention", "other shape"});
+  floats({{"attention_mask", Tensor<double, 2>(1, 4).setConstant(1)}}, 0);
+  expectError(runCli(ragged, dir), 1, {"'attention_mask'", "takes no mask"});
+  SafeTensorsWriter batched;
+  batched.add("query", small.query);
+  batched.add("offsets", Tensor<double, 1>(2).setValues({0, 4}));
+  batched.add("slots", Tensor<double, 1>(1).setValues({0}));
+  batched.write(dir.file("in.safetensors"));
+  expectError(runCli(ragged, dir), 1, {"'query'", "packed rows [total, D]", "[2, 3, 5]"});
+
+  // Pool files: a one-stream state is not a pool, nor the other way round; truncated pools.
+  const Tensor<double, 3> whole_chunks =
+      small.query.slice(Eigen::array<Index, 3>{0, 0, 0}, Eigen::array<Index, 3>{2, 2, 5});
+  SafeTensorsWriter plain;  // one stream of two tokens per batch row
+  plain.add("query", whole_chunks);
+  plain.add("value", whole_chunks);
+  plain.write(dir.file("in.safetensors"));
+  expectSuccess(runCli(with({"--state-out", dir.file("state")}), dir));
+  inputs({0, 2, 4}, {0, 1});
+  expectError(runCli(with({"--state-in", dir.file("state")}), dir), 1,
+              {"a one-stream state", "not a pool"});
+  inputs({0, 2, 4}, {0, 1});
+  expectSuccess(runCli(with({"--state-out", dir.file("pool")}), dir));
+  plain.write(dir.file("in.safetensors"));
+  expectError(runCli(with({"--state-in", dir.file("pool")}), dir), 1,
+              {"a pool of slots", "no offsets and slots"});
+  inputs({0, 2, 4}, {0, 1});
+  const std::string pool = readAll(dir.file("pool"));
+  writeAll(dir.file("cut"), pool.substr(0, pool.size() - 4));
+  expectError(runCli(with({"--state-in", dir.file("cut")}), dir), 1,
+              {"'" + dir.file("cut") + "'", "StatePool::loadAll: truncated stream"});
+  std::string huge = pool;
+  const std::int64_t capacity = 1000;  // more slots than the file's bytes could hold
+  std::memcpy(huge.data() + 16, &capacity, 8);
+  writeAll(dir.file("cut"), huge);
+  expectError(runCli(with({"--state-in", dir.file("cut")}), dir), 1,
+              {"corrupt pool header (capacity 1000"});
+  writeAll(dir.file("cut"), pool + "xx");
+  expectError(runCli(with({"--state-in", dir.file("cut")}), dir), 1, {"2 bytes after the saved pool"});
+  auto save32 = baseArgs(dir, "float32");
+  save32.insert(save32.end(), {"--stream", "--state-in", dir.file("pool")});
+  expectError(runCli(save32, dir), 1, {"another scalar type"});
+
+  // Command-line mistakes (exit 2).
+  expectError(runCli(with({"--pool-capacity", "0"}), dir), 2,
+              {"--pool-capacity", "at least 1", "'0'"});
+  expectError(runCli(with({"--pool-capacity", "4", "--state-in", dir.file("pool")}), dir), 2,
+              {"--pool-capacity: not with --state-in"});
+  auto call = baseArgs(dir, "float64");
+  call.insert(call.end(), {"--pool-capacity", "4"});
+  expectError(runCli(call, dir), 2, {"--pool-capacity needs --stream"});
+  plain.write(dir.file("in.safetensors"));
+  expectError(runCli(with({"--pool-capacity", "4"}), dir), 1,
+              {"--pool-capacity", "holds no offsets and slots"});
+
+  // A layer that cannot stream.
+  small.config.use_causal_windowed = false;
+  small.writeConfig(dir);
+  inputs({0, 4}, {0});
+  expectError(runCli(ragged, dir), 1, {"--stream", "use_causal_windowed"});
 }
 
 #ifdef KATTN_MPIEXEC

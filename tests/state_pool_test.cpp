@@ -453,4 +453,167 @@ TEST_F(PoolErrors, RaggedCallsAreCheckedBeforeAnySlotAdvances) {
   EXPECT_EQ(chunk_pool.tokens(c), 0);
 }
 
+// ---------------------------------------------------------------------------------------
+// The whole pool saved and loaded (saveAll, loadAll), and acquiring a named slot
+
+class PoolSaveAll : public ::testing::Test {
+ protected:
+  using Layer = kattn::CausalKernelAttention<double, kattn::Relu>;
+
+  /// Chunks of 2, a window of 3 chunks (the exact state keeps chunk terms), right padding
+  /// (a sequence may end inside a chunk, finishing its slot).
+  static kattn::LayerConfig config(int heads = 2, int chunk = 2) {
+    kattn::LayerConfig c;
+    c.num_heads = heads;
+    c.key_dim = 4;
+    c.feature_transform = "relu";
+    c.num_random_features = 0;
+    c.use_causal_windowed = true;
+    c.causal_chunk_length = chunk;
+    c.causal_window_length = 3;
+    c.causal_padding = "right";
+    return c;
+  }
+  static Layer layer(const kattn::LayerConfig& c) {
+    Layer l(c);
+    l.initializeWeights(6, 6);
+    return l;
+  }
+  static kattn::Tensor<double, 2> tokens(Index rows, unsigned seed) {
+    Rng r(seed);
+    kattn::Tensor<double, 2> x(rows, 6);
+    for (Index i = 0; i < x.size(); ++i) x.data()[i] = r.normal();
+    return x;
+  }
+  static std::string bytesOf(const kattn::StatePool<double>& pool) {
+    std::ostringstream os(std::ios::binary);
+    pool.saveAll(os);
+    return os.str();
+  }
+  static void loadBytes(kattn::StatePool<double>& pool, const std::string& bytes) {
+    std::istringstream is(bytes, std::ios::binary);
+    pool.loadAll(is);
+  }
+
+  /// A pool of 4 in `mode`: slot 3 at 6 tokens, slot 0 at 4, slot 1 finished at 5 (exact
+  /// mode ends it inside a chunk), slot 2 acquired and released.
+  kattn::StatePool<double> busyPool(kattn::StreamingMode mode) const {
+    auto pool = m_layer.makePool(4, mode);
+    pool.acquire(3);
+    pool.acquire(0);
+    pool.acquire(1);
+    pool.acquire(2);
+    m_layer.forward(tokens(15, 1), pool, {3, 0, 1}, {0, 6, 10, 15});
+    pool.release(2);
+    return pool;
+  }
+
+  Layer m_layer = layer(config());
+};
+
+TEST_F(PoolSaveAll, RoundTripIsByteExactAndContinuesIdentically) {
+  for (const auto mode : {kattn::StreamingMode::Exact, kattn::StreamingMode::Recurrent}) {
+    SCOPED_TRACE(mode == kattn::StreamingMode::Exact ? "exact" : "recurrent");
+    auto pool = busyPool(mode);
+    const std::string bytes = bytesOf(pool);
+    auto restored = m_layer.makePool(4, mode);
+    loadBytes(restored, bytes);
+    EXPECT_EQ(bytesOf(restored), bytes);
+    EXPECT_EQ(restored.inUse(), 3);
+    EXPECT_FALSE(restored.inUse(2));
+    EXPECT_EQ(restored.tokens(3), 6);
+    EXPECT_EQ(restored.tokens(0), 4);
+    EXPECT_EQ(restored.tokens(1), 5);
+    // A slot's part is StreamingState's one-row format, as save(slot) writes it.
+    std::ostringstream slot3(std::ios::binary);
+    pool.save(3, slot3);
+    EXPECT_NE(bytes.find(slot3.str()), std::string::npos);
+
+    // Both go on alike: the same free slot next, the same rows, the same bytes after.
+    const Index next = pool.acquire();
+    EXPECT_EQ(restored.acquire(), next);
+    const auto x = tokens(8, 2);
+    const std::vector<Index> slots{0, next, 3}, offsets{0, 2, 6, 8};
+    const auto a = m_layer.forward(x, pool, slots, offsets);
+    const auto b = m_layer.forward(x, restored, slots, offsets);
+    EXPECT_EQ(std::memcmp(a.data(), b.data(), sizeof(double) * std::size_t(a.size())), 0);
+    EXPECT_EQ(bytesOf(restored), bytesOf(pool));
+  }
+}
+
+TEST_F(PoolSaveAll, AFailedLoadLeavesThePoolUnchanged) {
+  const std::string bytes = bytesOf(busyPool(kattn::StreamingMode::Exact));
+  auto pool = m_layer.makePool(4, kattn::StreamingMode::Exact);
+  pool.acquire(2);
+  m_layer.forward(tokens(4, 3), pool, {2}, {0, 4});
+  const std::string before = bytesOf(pool);
+  auto refused = [&](const std::string& image, const std::string& needle, auto exception) {
+    using Exception = decltype(exception);
+    EXPECT_TRUE(throwsWith<Exception>([&] { loadBytes(pool, image); }, needle));
+    EXPECT_EQ(bytesOf(pool), before) << needle;
+  };
+  // Every truncation, including inside a slot's state and inside the free list.
+  for (std::size_t n = 0; n < bytes.size(); n += (n < 64 ? 1 : 7)) {
+    SCOPED_TRACE(n);
+    EXPECT_THROW(loadBytes(pool, bytes.substr(0, n)), std::runtime_error);
+    EXPECT_EQ(bytesOf(pool), before);
+  }
+  refused(bytes.substr(0, bytes.size() - 1), "truncated", std::runtime_error(""));
+  std::string foreign = bytes;
+  foreign[5] = 'X';
+  refused(foreign, "not a saved kattn state pool", std::runtime_error(""));
+  // A single slot's state is not a pool.
+  std::ostringstream one(std::ios::binary);
+  pool.save(2, one);
+  refused(one.str(), "not a saved kattn state pool", std::runtime_error(""));
+  std::string flag = bytes;
+  flag[8 * 4] = 2;  // slot 0's in-use flag, after the magic, scalar size, capacity and mode
+  refused(flag, "slot 0: corrupt in-use flag 2", std::runtime_error(""));
+  std::string free_list = bytes;
+  free_list[free_list.size() - 8] = 3;  // the one free slot is 2, not 3 (in use)
+  refused(free_list, "corrupt free list", std::runtime_error(""));
+
+  // A pool of another capacity, mode, scalar type or layer.
+  auto bigger = m_layer.makePool(5, kattn::StreamingMode::Exact);
+  EXPECT_TRUE(throwsWith<std::invalid_argument>(
+      [&] { loadBytes(bigger, bytes); }, "saved from a pool of capacity 4, this pool has 5"));
+  auto recurrent = m_layer.makePool(4, kattn::StreamingMode::Recurrent);
+  EXPECT_TRUE(throwsWith<std::invalid_argument>(
+      [&] { loadBytes(recurrent, bytes); }, "saved in exact mode, this pool is in recurrent mode"));
+  kattn::CausalKernelAttention<float, kattn::Relu> f32(config());
+  f32.initializeWeights(6, 6);
+  auto float_pool = f32.makePool(4, kattn::StreamingMode::Exact);
+  std::istringstream is(bytes, std::ios::binary);
+  EXPECT_TRUE(throwsWith<std::runtime_error>([&] { float_pool.loadAll(is); }, "another scalar type"));
+  auto other_chunk = layer(config(2, 3)).makePool(4, kattn::StreamingMode::Exact);
+  EXPECT_TRUE(throwsWith<std::invalid_argument>(
+      [&] { loadBytes(other_chunk, bytes); }, "slot 0 belongs to another layer"));
+  auto other_heads = layer(config(3, 2)).makePool(4, kattn::StreamingMode::Exact);
+  EXPECT_TRUE(throwsWith<std::invalid_argument>(
+      [&] { loadBytes(other_heads, bytes); }, "this pool's slots are [1, 3, 4, 4]"));
+  EXPECT_EQ(other_heads.inUse(), 0);
+}
+
+TEST_F(PoolSaveAll, AcquireANamedSlot) {
+  auto pool = m_layer.makePool(3);
+  pool.acquire(1);
+  EXPECT_TRUE(pool.inUse(1));
+  EXPECT_EQ(pool.tokens(1), 0);
+  EXPECT_TRUE(throwsWith<std::invalid_argument>([&] { pool.acquire(1); },
+                                                "StatePool::acquire: slot 1 is in use already"));
+  EXPECT_TRUE(throwsWith<std::invalid_argument>([&] { pool.acquire(3); },
+                                                "slot 3 does not exist (capacity 3)"));
+  EXPECT_TRUE(throwsWith<std::invalid_argument>([&] { pool.acquire(-1); }, "slot -1 does not exist"));
+  const Index a = pool.acquire(), b = pool.acquire();
+  EXPECT_NE(a, 1);
+  EXPECT_NE(b, 1);
+  EXPECT_NE(a, b);
+  EXPECT_THROW(pool.acquire(), std::runtime_error);
+  // Acquiring resets: a released slot's tokens are gone.
+  m_layer.forward(tokens(2, 4), pool, {1}, {0, 2});
+  pool.release(1);
+  pool.acquire(1);
+  EXPECT_EQ(pool.tokens(1), 0);
+}
+
 }  // namespace

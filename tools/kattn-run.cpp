@@ -33,7 +33,8 @@ namespace {
 
 constexpr const char* kUsage =
     R"(usage: kattn-run --config FILE --weights FILE --inputs FILE --output FILE
-                 [--stream] [--state-in FILE] [--state-out FILE] [--backward]
+                 [--stream] [--state-in FILE] [--state-out FILE] [--pool-capacity N]
+                 [--backward]
                  [--weights-naming keras|torch|FILE] [--dtype float32|float64] [--threads N]
                  [--mpi [--slices A,B,...]]
 
@@ -50,8 +51,11 @@ Runs one kernel attention layer (the TF Model Garden KernelAttention) over safet
                     name map FILE (docs/weights.md)
   --inputs FILE     query [B,T,Dq], value [B,S,Dv], optional key [B,S,Dk] and
                     attention_mask [B,S]; with --stream optionally the reference's cache
-                    cache/kv [B,N,dv,m] and cache/k_sum [B,N,m] (absent: a fresh state)
-  --output FILE     receives output [B,T,O]; with --stream also cache/kv and cache/k_sum
+                    cache/kv [B,N,dv,m] and cache/k_sum [B,N,m] (absent: a fresh state);
+                    or, with --stream, a ragged call of many sequences: query [total,D]
+                    (self-attention), offsets [S+1] and slots [S] (integers)
+  --output FILE     receives output [B,T,O]; with --stream also cache/kv and cache/k_sum;
+                    for a ragged call output [total,O] only
   --stream          one streaming call over the next T tokens (use_causal_windowed layers)
   --backward        also the gradients: reads grad/output [B,T,O]
                     from --inputs (d loss / d output) and writes grad/query, grad/value,
@@ -59,7 +63,10 @@ Runs one kernel attention layer (the TF Model Garden KernelAttention) over safet
                     under the names of the weights file
   --state-in FILE   with --stream: start from a state written by --state-out
   --state-out FILE  with --stream: save the state after this call in kattn's own format;
-                    the only way to continue an exact-mode stream (no causal_window_decay)
+                    the only way to continue an exact-mode stream (no causal_window_decay);
+                    for a ragged call both are the pool of slots (StatePool::saveAll)
+  --pool-capacity N with --stream, a ragged call without --state-in: the fresh pool's
+                    slots (default: the largest slot named + 1)
   --dtype TYPE      compute and write in float32 (default) or float64
   --threads N       threads to use, 1 to 1024 (default: one per core); results do not
                     depend on it
@@ -92,6 +99,7 @@ struct Options {
   bool backward = false;
   bool mpi = false;
   std::optional<std::string> slices;
+  std::optional<kattn::Index> pool_capacity;  // absent: the largest slot of the call + 1
   DType dtype = DType::Float32;
   std::optional<int> threads;  // absent: the layer's default pool, one thread per core
   bool help = false;
@@ -121,7 +129,7 @@ Options parseArgs(int argc, char** argv) {
   const std::set<std::string> valued = {"--config",   "--weights",   "--inputs",
                                         "--output",   "--state-in",  "--state-out",
                                         "--dtype",    "--threads",   "--weights-naming",
-                                        "--slices"};
+                                        "--slices",   "--pool-capacity"};
   std::set<std::string> seen;
   for (std::size_t i = 0; i < args.size(); ++i) {
     const std::string& arg = args[i];
@@ -177,6 +185,16 @@ Options parseArgs(int argc, char** argv) {
       }
       o.threads = n;
     }
+    if (name == "--pool-capacity") {
+      kattn::Index n = 0;
+      const char* end = value.data() + value.size();
+      const auto [ptr, ec] = std::from_chars(value.data(), end, n);
+      if (ec != std::errc() || ptr != end || n < 1) {
+        throw UsageError("--pool-capacity: expected an integer of at least 1, got " +
+                         singleQuoted(value));
+      }
+      o.pool_capacity = n;
+    }
   }
   std::string missing;
   for (const auto& [name, field] : {std::pair<const char*, const std::string*>{"--config", &o.config},
@@ -203,6 +221,10 @@ Options parseArgs(int argc, char** argv) {
   if (!o.stream && !o.mpi && (o.state_in || o.state_out)) {
     throw UsageError(std::string(o.state_in ? "--state-in" : "--state-out") +
                      " needs --stream (a state belongs to a streaming call)");
+  }
+  if (o.pool_capacity && !o.stream) throw UsageError("--pool-capacity needs --stream");
+  if (o.pool_capacity && o.state_in) {
+    throw UsageError("--pool-capacity: not with --state-in (the pool file holds its capacity)");
   }
   return o;
 }
@@ -316,6 +338,10 @@ void checkInputNames(const kattn::io::SafeTensors& file, bool stream, bool backw
       throw std::runtime_error(file.sourceName() +
                                ": tensor 'grad/output' is read only with --backward");
     }
+    if (name == "offsets" || name == "slots") {
+      throw std::runtime_error(file.sourceName() + ": tensor '" + name +
+                               "' belongs to a ragged call, read only with --stream");
+    }
     const char* more = stream ? ", cache/kv, cache/k_sum" : backward ? ", grad/output" : "";
     throw std::runtime_error(file.sourceName() + ": unexpected tensor '" + printable(name) +
                              "' (inputs are query, value, key, attention_mask" + more + ")");
@@ -359,8 +385,13 @@ kattn::StreamingState<Scalar> startState(const Options& opt, const kattn::io::Sa
                              singleQuoted(*opt.state_in) + " both give the starting state; pass one");
   }
   if (opt.state_in) {
+    const std::string bytes = readFile(*opt.state_in, "state");
+    if (bytes.compare(0, 8, "KATTNPL1") == 0) {
+      throw std::runtime_error(singleQuoted(*opt.state_in) + ": a pool of slots (a ragged call "
+                               "wrote it), but the inputs hold no offsets and slots");
+    }
     try {
-      return StreamingState<Scalar>::fromBytes(readFile(*opt.state_in, "state"));
+      return StreamingState<Scalar>::fromBytes(bytes);
     } catch (const std::runtime_error& e) {
       throw std::runtime_error(singleQuoted(*opt.state_in) + ": " + e.what());
     }
@@ -409,9 +440,10 @@ struct Inputs {
 };
 
 template <typename Scalar>
-Inputs<Scalar> loadInputs(const Options& opt, const kattn::LayerConfig& config, kattn::Index O) {
+Inputs<Scalar> loadInputs(const Options& opt, const kattn::LayerConfig& config, kattn::Index O,
+                          kattn::io::SafeTensors file) {
   using kattn::Index;
-  Inputs<Scalar> in{kattn::io::SafeTensors::load(opt.inputs), {}, {}, {}, {}};
+  Inputs<Scalar> in{std::move(file), {}, {}, {}, {}};
   checkInputNames(in.file, opt.stream, opt.backward);
   in.query = in.file.template tensor<Scalar, 3>("query");
   in.value = in.file.template tensor<Scalar, 3>("value");
@@ -426,6 +458,11 @@ Inputs<Scalar> loadInputs(const Options& opt, const kattn::LayerConfig& config, 
                                              Index(config.num_heads) * per_head),
                    sizeof(Scalar));
   return in;
+}
+
+template <typename Scalar>
+Inputs<Scalar> loadInputs(const Options& opt, const kattn::LayerConfig& config, kattn::Index O) {
+  return loadInputs<Scalar>(opt, config, O, kattn::io::SafeTensors::load(opt.inputs));
 }
 
 /// grad/output [B, T, O] of --inputs: its shape is that of the output, its entries finite.
@@ -497,11 +534,30 @@ void runBackward(const Options& opt, const kattn::LayerConfig& config,
 }
 
 
+}  // namespace
+
+#include "kattn-run-ragged.hpp"
+
+namespace {
+
 template <typename Scalar>
 void run(const Options& opt, const kattn::LayerConfig& config) {
   using kattn::ConstTensorMap;
   const kattn::AnyKernelAttention<Scalar> layer = loadLayer<Scalar>(opt, config);
-  const Inputs<Scalar> in = loadInputs<Scalar>(opt, config, layer.outputDim());
+  kattn::io::SafeTensors file = kattn::io::SafeTensors::load(opt.inputs);
+  if (opt.stream && isRagged(file)) {
+    kattn::io::SafeTensorsWriter out;
+    std::string pool_bytes;
+    runRagged(opt, config, layer, file, out, pool_bytes);
+    out.write(opt.output);
+    if (opt.state_out) writeFile(*opt.state_out, pool_bytes, "pool");
+    return;
+  }
+  if (opt.pool_capacity) {
+    throw std::runtime_error("--pool-capacity: " + file.sourceName() +
+                             " holds no offsets and slots (a pool belongs to a ragged call)");
+  }
+  const Inputs<Scalar> in = loadInputs<Scalar>(opt, config, layer.outputDim(), std::move(file));
   std::optional<ConstTensorMap<Scalar, 3>> key_view;
   std::optional<ConstTensorMap<Scalar, 2>> mask_view;
   if (in.key) key_view.emplace(*in.key);

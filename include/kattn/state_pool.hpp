@@ -3,9 +3,13 @@
 /// StatePool: the streaming states of many sequences of one causal layer, in slots that a
 /// server acquires when a conversation starts, advances in ragged calls
 /// (KernelAttention::forward(tokens, pool, slots, offsets)), snapshots and rolls back for
-/// speculative decoding, and releases when it ends.
+/// speculative decoding, and releases when it ends; the whole pool saves to bytes and loads
+/// back.
 
+#include <algorithm>
 #include <atomic>
+#include <cstdint>
+#include <cstring>
 #include <istream>
 #include <memory>
 #include <ostream>
@@ -13,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "limits.hpp"
 #include "streaming.hpp"
 #include "tensor.hpp"
 
@@ -41,12 +46,12 @@ class StatePool {
   StatePool() = default;
 
   /// `capacity` slots, each a copy of `prototype` (a fresh one-row state of the layer).
+  /// \throws std::invalid_argument for a capacity below 1 or a prototype of another batch;
+  /// MemoryLimitError when the slots' sums would exceed kattn's memory limit.
   StatePool(Index capacity, const StreamingState<Scalar>& prototype)
-      : m_slots(std::size_t(capacity), prototype),
+      : m_slots(checkedCapacity(capacity, prototype), prototype),
         m_used(std::size_t(capacity), 0),
         m_busy(std::make_unique<std::atomic<bool>[]>(std::size_t(capacity))) {
-    if (capacity < 1) throw std::invalid_argument("StatePool: capacity must be at least 1");
-    if (prototype.batch() != 1) throw std::invalid_argument("StatePool: the prototype has one row");
     m_free.reserve(std::size_t(capacity));
     for (Index s = capacity; s-- > 0;) m_free.push_back(s);
   }
@@ -69,6 +74,20 @@ class StatePool {
     m_used[std::size_t(s)] = 1;
     m_slots[std::size_t(s)].reset();
     return s;
+  }
+
+  /// Acquires `slot` itself, reset to the empty state: for a server that restores its own
+  /// table of which sequence holds which slot. \throws std::invalid_argument for a slot that
+  /// does not exist or is in use already.
+  void acquire(Slot slot) {
+    if (!valid(slot)) throw std::invalid_argument(missingSlot("acquire", slot));
+    if (m_used[std::size_t(slot)]) {
+      throw std::invalid_argument("StatePool::acquire: slot " + std::to_string(slot) +
+                                  " is in use already");
+    }
+    m_free.erase(std::find(m_free.begin(), m_free.end(), slot));
+    m_used[std::size_t(slot)] = 1;
+    m_slots[std::size_t(slot)].reset();
   }
 
   /// Returns `slot` to the pool. \throws std::invalid_argument for a slot not in use.
@@ -115,12 +134,117 @@ class StatePool {
   void load(Slot slot, std::istream& is) {
     StreamingState<Scalar>& target = stateOf(slot, "load");
     StreamingState<Scalar> loaded = StreamingState<Scalar>::load(is);
-    loaded.requireCompatible(1, target.heads(), target.features(), target.valueDim(),
-                             target.chunk(), target.window(), target.decay());
-    if (loaded.mode() != target.mode()) {
-      throw std::invalid_argument("StatePool::load: the saved state is in the other mode");
-    }
+    requireFits(loaded, "StatePool::load: the saved state");
     target = std::move(loaded);
+  }
+
+  /**
+   * \brief Writes the whole pool: which slots are in use, their states and the free list.
+   *
+   * The format, every integer an int64 in the host's byte order (as StreamingState's): the 8
+   * bytes `KATTNPL1`, sizeof(Scalar), capacity(), mode() (0 recurrent, 1 exact); then per slot
+   * in order its in-use flag (0 or 1) followed, for a slot in use, by exactly the bytes
+   * `save(slot, os)` writes (StreamingState's one-row format); then the free list: its length
+   * and the free slots in the order the pool keeps them (acquire() takes the last), so that a
+   * loaded pool hands out the same slots.
+   * \throws std::runtime_error when the stream fails.
+   * \note O(capacity() + the states in use); a free slot costs 16 bytes.
+   */
+  void saveAll(std::ostream& os) const {
+    os.write(kPoolMagic, sizeof(kPoolMagic));
+    putInt(os, std::int64_t(sizeof(Scalar)));
+    putInt(os, std::int64_t(capacity()));
+    putInt(os, std::int64_t(mode()));
+    for (std::size_t s = 0; s < m_slots.size(); ++s) {
+      putInt(os, m_used[s] ? 1 : 0);
+      if (m_used[s]) m_slots[s].save(os);
+    }
+    putInt(os, std::int64_t(m_free.size()));
+    for (const Slot s : m_free) putInt(os, std::int64_t(s));
+    if (!os) throw std::runtime_error("StatePool::saveAll: write failed");
+  }
+
+  /**
+   * \brief Replaces the whole pool by one `saveAll` wrote: the slots in use, their states and
+   * the free list. Everything is read and checked before anything is replaced: on any error
+   * the pool is unchanged. Reads no further than the saved pool (the stream may hold more).
+   *
+   * Like acquire and release, not while a call is advancing any slot of the pool.
+   * \throws std::runtime_error for a stream that is truncated, not a saved pool, of another
+   * scalar type, or inconsistent (a flag other than 0 or 1, a free list that does not name
+   * exactly the free slots); std::invalid_argument for a saved pool of another capacity or
+   * mode, or whose states belong to another layer (sizes, chunk, window or decay).
+   */
+  void loadAll(std::istream& is) {
+    char magic[sizeof(kPoolMagic)];
+    is.read(magic, sizeof(magic));
+    if (!is || std::memcmp(magic, kPoolMagic, sizeof(kPoolMagic)) != 0) {
+      throw std::runtime_error("StatePool::loadAll: not a saved kattn state pool");
+    }
+    const std::int64_t scalar = getInt(is);
+    if (scalar != std::int64_t(sizeof(Scalar))) {
+      throw std::runtime_error("StatePool::loadAll: saved with " + std::to_string(scalar) +
+                               "-byte scalars, this pool has " + std::to_string(sizeof(Scalar)) +
+                               "-byte ones (another scalar type)");
+    }
+    const std::int64_t saved_capacity = getInt(is);
+    if (saved_capacity != std::int64_t(capacity())) {
+      throw std::invalid_argument("StatePool::loadAll: saved from a pool of capacity " +
+                                  std::to_string(saved_capacity) + ", this pool has " +
+                                  std::to_string(capacity()));
+    }
+    const std::int64_t saved_mode = getInt(is);
+    if (saved_mode != std::int64_t(mode())) {
+      throw std::invalid_argument(std::string("StatePool::loadAll: saved in ") +
+                                  (saved_mode == std::int64_t(StreamingMode::Exact) ? "exact"
+                                   : saved_mode == std::int64_t(StreamingMode::Recurrent)
+                                       ? "recurrent"
+                                       : "an unknown") +
+                                  " mode, this pool is in " +
+                                  (mode() == StreamingMode::Exact ? "exact" : "recurrent") +
+                                  " mode");
+    }
+    std::vector<char> used(m_slots.size(), 0);
+    std::vector<std::pair<std::size_t, StreamingState<Scalar>>> loaded;
+    for (std::size_t s = 0; s < m_slots.size(); ++s) {
+      const std::string where = "StatePool::loadAll: slot " + std::to_string(s);
+      const std::int64_t flag = getInt(is);
+      if (flag != 0 && flag != 1) {
+        throw std::runtime_error(where + ": corrupt in-use flag " + std::to_string(flag));
+      }
+      if (!flag) continue;
+      used[s] = 1;
+      try {
+        loaded.emplace_back(s, StreamingState<Scalar>::load(is));
+      } catch (const std::runtime_error& e) {
+        throw std::runtime_error(where + ": " + e.what());
+      }
+      requireFits(loaded.back().second, where);
+    }
+    const std::int64_t free_count = getInt(is);
+    const std::int64_t unused = std::int64_t(std::count(used.begin(), used.end(), 0));
+    if (free_count != unused) {
+      throw std::runtime_error("StatePool::loadAll: corrupt free list (" +
+                               std::to_string(free_count) + " entries for " +
+                               std::to_string(unused) + " free slots)");
+    }
+    std::vector<Slot> free_list;
+    free_list.reserve(std::size_t(unused));
+    std::vector<char> listed(m_slots.size(), 0);
+    for (std::int64_t i = 0; i < free_count; ++i) {
+      const std::int64_t s = getInt(is);
+      if (s < 0 || s >= std::int64_t(capacity()) || used[std::size_t(s)] ||
+          listed[std::size_t(s)]) {
+        throw std::runtime_error("StatePool::loadAll: corrupt free list (entry " +
+                                 std::to_string(s) + " is not a free slot, or twice)");
+      }
+      listed[std::size_t(s)] = 1;
+      free_list.push_back(Slot(s));
+    }
+    // Everything is checked: nothing below throws.
+    for (auto& [s, state] : loaded) m_slots[s] = std::move(state);
+    m_used = std::move(used);
+    m_free = std::move(free_list);
   }
 
   /// The state in `slot`, read-only (its kv(), kSum(), tokens()).
@@ -147,14 +271,60 @@ class StatePool {
   StreamingState<Scalar>& callState(Slot slot) { return stateOf(slot, "forward"); }
 
  private:
+  static constexpr char kPoolMagic[8] = {'K', 'A', 'T', 'T', 'N', 'P', 'L', '1'};
+
+  /// The capacity, checked before the members are sized from it.
+  static std::size_t checkedCapacity(Index capacity, const StreamingState<Scalar>& prototype) {
+    if (capacity < 1) throw std::invalid_argument("StatePool: capacity must be at least 1");
+    if (prototype.batch() != 1) throw std::invalid_argument("StatePool: the prototype has one row");
+    const double per_slot = double(prototype.heads()) *
+                            (double(prototype.features()) * double(prototype.valueDim()) +
+                             double(prototype.features()));
+    checkAllocation("a StatePool of " + std::to_string(capacity) + " slots",
+                    double(capacity) * per_slot, sizeof(Scalar));
+    return std::size_t(capacity);
+  }
+
+  /// Refuses a state that this pool's layer would not read as its own: another batch, sizes,
+  /// chunk, window, decay or mode. A finished stream (one that ended inside a chunk) is fine:
+  /// it is what the slot would hold.
+  void requireFits(const StreamingState<Scalar>& s, const std::string& what) const {
+    const StreamingState<Scalar>& own = m_slots.front();
+    if (s.batch() != 1 || s.heads() != own.heads() || s.features() != own.features() ||
+        s.valueDim() != own.valueDim()) {
+      throw std::invalid_argument(
+          what + " is a state of [B, N, F, d_v] = [" + std::to_string(s.batch()) + ", " +
+          std::to_string(s.heads()) + ", " + std::to_string(s.features()) + ", " +
+          std::to_string(s.valueDim()) + "], this pool's slots are [1, " +
+          std::to_string(own.heads()) + ", " + std::to_string(own.features()) + ", " +
+          std::to_string(own.valueDim()) + "]");
+    }
+    if (s.chunk() != own.chunk() || s.window() != own.window() || s.decay() != own.decay()) {
+      throw std::invalid_argument(what + " belongs to another layer (chunk, window or decay "
+                                         "differ)");
+    }
+    if (s.mode() != own.mode()) throw std::invalid_argument(what + " is in the other mode");
+  }
+
+  static void putInt(std::ostream& os, std::int64_t v) {
+    os.write(reinterpret_cast<const char*>(&v), sizeof(v));
+  }
+  static std::int64_t getInt(std::istream& is) {
+    std::int64_t v = 0;
+    is.read(reinterpret_cast<char*>(&v), sizeof(v));
+    if (!is) throw std::runtime_error("StatePool::loadAll: truncated stream");
+    return v;
+  }
+
   bool valid(Slot slot) const { return slot >= 0 && slot < capacity(); }
 
+  std::string missingSlot(const char* what, Slot slot) const {
+    return std::string("StatePool::") + what + ": slot " + std::to_string(slot) +
+           " does not exist (capacity " + std::to_string(capacity()) + ")";
+  }
+
   void requireInUse(Slot slot, const char* what) const {
-    if (!valid(slot)) {
-      throw std::invalid_argument(std::string("StatePool::") + what + ": slot " +
-                                  std::to_string(slot) + " does not exist (capacity " +
-                                  std::to_string(capacity()) + ")");
-    }
+    if (!valid(slot)) throw std::invalid_argument(missingSlot(what, slot));
     if (!m_used[std::size_t(slot)]) {
       throw std::invalid_argument(std::string("StatePool::") + what + ": slot " +
                                   std::to_string(slot) + " is not in use (released, or never "

@@ -279,7 +279,7 @@ class StatePool {
     if (prototype.batch() != 1) throw std::invalid_argument("StatePool: the prototype has one row");
     const double per_slot = double(prototype.heads()) *
                             (double(prototype.features()) * double(prototype.valueDim()) +
-                             double(prototype.features()));
+                             2 * double(prototype.features()));
     checkAllocation("a StatePool of " + std::to_string(capacity) + " slots",
                     double(capacity) * per_slot, sizeof(Scalar));
     return std::size_t(capacity);

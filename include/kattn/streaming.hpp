@@ -65,7 +65,8 @@ class StreamingState {
     checkAllocation("a StreamingState of batch " + std::to_string(batch) + ", " +
                         std::to_string(heads) + " heads, " + std::to_string(features) +
                         " features and value_dim " + std::to_string(value_dim),
-                    double(batch) * double(heads) * (double(features) * double(value_dim) + features),
+                    double(batch) * double(heads) *
+                        (double(features) * double(value_dim) + 2 * double(features)),
                     sizeof(Scalar));
     reset();
   }

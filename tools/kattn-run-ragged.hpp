@@ -149,7 +149,7 @@ kattn::StatePool<Scalar> startPool(const Options& opt,
   if (opt.state_in) {
     const std::string bytes = readFile(*opt.state_in, "pool");
     const std::string where = singleQuoted(*opt.state_in) + ": ";
-    if (bytes.compare(0, 8, "KATTNST1") == 0) {
+    if (bytes.compare(0, 7, "KATTNST") == 0) {  // any version of the one-stream format
       throw std::runtime_error(where + "a one-stream state (kattn-run --stream without offsets "
                                "and slots wrote it), not a pool of slots");
     }

@@ -75,6 +75,7 @@ struct CausalHeadState {
   /// roundings share a sign and the normaliser drifts with the length (1e-5 relative after
   /// 65,536 tokens in float32); compensated, it stays within a rounding of the sum.
   Vector<Scalar> zc;
+  Vector<Scalar> z_add;                 ///< [F] scratch of addToZ (not state)
   std::deque<Matrix<Scalar>> ring_kv;   ///< raw terms KV_c of the chunks in kv (sliding only);
                                         ///< empty for a chunk kept as rows
   std::deque<Vector<Scalar>> ring_z;    ///< raw terms z_c; empty likewise
@@ -101,22 +102,24 @@ struct CausalHeadState {
     kv.setZero(F, dv);
     z.setZero(F);
     zc.setZero(F);
+    z_add.resize(F);
     clearRing();
     front_kv.clear();
     front_z.clear();
     front_pos = 0;
   }
 
-  /// z <- g z + add, compensated (zc). Written as separate roundings on purpose: the
-  /// compensation is lost under -ffast-math (reassociation), which kattn is not built with.
+  /// z <- g z + add, compensated (zc): y = add - g zc, t = g z + y, zc = (t - g z) - y.
+  /// Whole-vector steps, each one rounding: the compensation is lost under -ffast-math
+  /// (reassociation), which kattn is not built with.
   template <typename Derived>
   void addToZ(Scalar g, const Eigen::MatrixBase<Derived>& add) {
     KATTN_ASSERT(add.size() == z.size());
-    for (Index f = 0; f < z.size(); ++f) {
-      const Scalar kept = g * z(f), y = add(f) - g * zc(f), t = kept + y;
-      zc(f) = (t - kept) - y;
-      z(f) = t;
-    }
+    z_add.noalias() = add;                    // a row, or column sums of a few rows: once
+    z_add.array() -= g * zc.array();          // y
+    zc.array() = g * z.array();               // g z, kept for the compensation
+    z.array() = zc.array() + z_add.array();   // t
+    zc.array() = (z.array() - zc.array()) - z_add.array();
   }
 
   /// The normaliser's sum, z corrected by its compensation.

@@ -109,17 +109,21 @@ struct CausalHeadState {
     front_pos = 0;
   }
 
-  /// z <- g z + add, compensated (zc): y = add - g zc, t = g z + y, zc = (t - g z) - y.
-  /// Whole-vector steps, each one rounding: the compensation is lost under -ffast-math
-  /// (reassociation), which kattn is not built with.
+  /// z <- g z + add, compensated (zc): y = add - g zc, t = g z + y, zc = (t - g z) - y,
+  /// each step one rounding: the compensation is lost under -ffast-math (reassociation),
+  /// which kattn is not built with.
   template <typename Derived>
   void addToZ(Scalar g, const Eigen::MatrixBase<Derived>& add) {
     KATTN_ASSERT(add.size() == z.size());
-    z_add.noalias() = add;                    // a row, or column sums of a few rows: once
-    z_add.array() -= g * zc.array();          // y
-    zc.array() = g * z.array();               // g z, kept for the compensation
-    z.array() = zc.array() + z_add.array();   // t
-    zc.array() = (z.array() - zc.array()) - z_add.array();
+    z_add.noalias() = add;  // a row, or column sums of a few rows: evaluated once
+    Scalar* __restrict zp = z.data();
+    Scalar* __restrict cp = zc.data();
+    const Scalar* __restrict ap = z_add.data();
+    for (Index f = 0; f < z.size(); ++f) {  // contiguous and independent: vectorised
+      const Scalar kept = g * zp[f], y = ap[f] - g * cp[f], t = kept + y;
+      cp[f] = (t - kept) - y;
+      zp[f] = t;
+    }
   }
 
   /// The normaliser's sum, z corrected by its compensation.

@@ -32,6 +32,7 @@ namespace {
 using kattn::Index;
 using kattn_test::randomTensor;
 using kattn_test::relError;
+using kattn_test::weightData;
 template <typename S, int R>
 using Tensor = kattn::Tensor<S, R>;
 template <typename S, int R>
@@ -462,20 +463,6 @@ kattn::Gradients<Scalar> backwardOf(const Layer& layer, const Tensor<Scalar, 3>&
   if (key) k.emplace(key->data(), key->dimensions());
   if (mask) m.emplace(mask->data(), mask->dimensions());
   return kattn::backward(layer, query, value, k, m, grad);
-}
-
-template <typename Scalar>
-Scalar* weightData(kattn::Weights<Scalar>& w, const std::string& name) {
-  if (name == "query/kernel") return w.query_kernel.data();
-  if (name == "query/bias") return w.query_bias.data();
-  if (name == "key/kernel") return w.key_kernel.data();
-  if (name == "key/bias") return w.key_bias.data();
-  if (name == "value/kernel") return w.value_kernel.data();
-  if (name == "value/bias") return w.value_bias.data();
-  if (name == "attention_output/kernel") return w.output_kernel.data();
-  if (name == "attention_output/bias") return w.output_bias.data();
-  ADD_FAILURE() << "no weight " << name;
-  return nullptr;
 }
 
 /// Heads x W + b [B, T, N, h] of an input x [B, T, D].

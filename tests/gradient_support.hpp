@@ -1,15 +1,18 @@
 #pragma once
 // What the gradient tests share (gradients_test, causal_gradients_test,
-// gradients_training_test): random inputs, the error measure, the built-in maps as types for a
-// generic lambda, and expplus with its coefficients frozen, whose forward is the function the
-// backward differentiates.
+// gradients_training_test): random inputs, the error measure, weights by name, the built-in
+// maps as types for a generic lambda, and expplus with its coefficients frozen, whose forward
+// is the function the backward differentiates.
 
 #include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstddef>
 #include <random>
+#include <string>
 #include <vector>
+
+#include <gtest/gtest.h>
 
 #include <kattn/kattn.hpp>
 
@@ -36,6 +39,23 @@ kattn::Tensor<double, R> randomTensor(std::mt19937_64& gen, double sd,
   std::normal_distribution<double> nd(0.0, sd);
   for (Index i = 0; i < t.size(); ++i) t.data()[i] = offset + nd(gen);
   return t;
+}
+
+/// The entries of the weight `name` (a Keras name of Gradients::named()).
+template <typename Scalar>
+Scalar* weightData(kattn::Weights<Scalar>& w, const std::string& name) {
+  if (name == "query/kernel") return w.query_kernel.data();
+  if (name == "query/bias") return w.query_bias.data();
+  if (name == "key/kernel") return w.key_kernel.data();
+  if (name == "key/bias") return w.key_bias.data();
+  if (name == "value/kernel") return w.value_kernel.data();
+  if (name == "value/bias") return w.value_bias.data();
+  if (name == "attention_output/kernel") return w.output_kernel.data();
+  if (name == "attention_output/bias") return w.output_bias.data();
+  if (name == "attention_output_softmax/kernel") return w.output_softmax_kernel.data();
+  if (name == "attention_output_softmax/bias") return w.output_softmax_bias.data();
+  ADD_FAILURE() << "no weight " << name;
+  return nullptr;
 }
 
 /// A float64 tensor as float32 (the float32 checks take the float64 problem).

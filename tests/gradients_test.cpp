@@ -31,6 +31,7 @@ namespace {
 using kattn::Index;
 using kattn_test::randomTensor;
 using kattn_test::relError;
+using kattn_test::weightData;
 template <typename S, int R>
 using Tensor = kattn::Tensor<S, R>;
 template <typename S, int R>
@@ -132,23 +133,6 @@ kattn::Weights<double> makeWeights(std::mt19937_64& gen, const kattn::LayerConfi
     if (c.use_bias) w.output_softmax_bias = randomTensor<1>(gen, 0.3, {O});
   }
   return w;
-}
-
-/// The entries of the weight `name` (a Keras name of named()).
-template <typename Scalar>
-Scalar* weightData(kattn::Weights<Scalar>& w, const std::string& name) {
-  if (name == "query/kernel") return w.query_kernel.data();
-  if (name == "query/bias") return w.query_bias.data();
-  if (name == "key/kernel") return w.key_kernel.data();
-  if (name == "key/bias") return w.key_bias.data();
-  if (name == "value/kernel") return w.value_kernel.data();
-  if (name == "value/bias") return w.value_bias.data();
-  if (name == "attention_output/kernel") return w.output_kernel.data();
-  if (name == "attention_output/bias") return w.output_bias.data();
-  if (name == "attention_output_softmax/kernel") return w.output_softmax_kernel.data();
-  if (name == "attention_output_softmax/bias") return w.output_softmax_bias.data();
-  ADD_FAILURE() << "no weight " << name;
-  return nullptr;
 }
 
 template <typename Layer, typename Scalar>

@@ -31,6 +31,7 @@ namespace {
 
 using kattn::Index;
 using kattn_test::randomTensor;
+using kattn_test::centralDifferences;
 using kattn_test::relError;
 using kattn_test::weightData;
 template <typename S, int R>
@@ -72,21 +73,6 @@ double expectMatches(const std::string& what, const double* analytic,
   for (std::size_t i = 0; i < fd.size(); ++i) err = std::max(err, std::abs(analytic[i] - fd[i]));
   EXPECT_LE(err / scale, tol) << what;
   return err / scale;
-}
-
-std::vector<double> centralDifferences(double* x, Index n, const std::function<double()>& f) {
-  const double h = 1e-5;
-  std::vector<double> out(static_cast<std::size_t>(n));
-  for (Index i = 0; i < n; ++i) {
-    const double x0 = x[i];
-    x[i] = x0 + h;
-    const double up = f();
-    x[i] = x0 - h;
-    const double down = f();
-    x[i] = x0;
-    out[std::size_t(i)] = (up - down) / (2 * h);
-  }
-  return out;
 }
 
 /// A causal configuration: chunks C, window W, decay (0 for none), padding.

@@ -1,13 +1,14 @@
 #pragma once
 // What the gradient tests share (gradients_test, causal_gradients_test,
-// gradients_training_test): random inputs, the error measure, weights by name, the built-in
-// maps as types for a generic lambda, and expplus with its coefficients frozen, whose forward
-// is the function the backward differentiates.
+// gradients_training_test): random inputs, central differences, the error measure, weights by
+// name, the built-in maps as types for a generic lambda, and expplus with its coefficients
+// frozen, whose forward is the function the backward differentiates.
 
 #include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstddef>
+#include <functional>
 #include <random>
 #include <string>
 #include <vector>
@@ -39,6 +40,22 @@ kattn::Tensor<double, R> randomTensor(std::mt19937_64& gen, double sd,
   std::normal_distribution<double> nd(0.0, sd);
   for (Index i = 0; i < t.size(); ++i) t.data()[i] = offset + nd(gen);
   return t;
+}
+
+/// Central differences of f over every entry of x [n] (x restored after each), step 1e-5.
+inline std::vector<double> centralDifferences(double* x, Index n, const std::function<double()>& f) {
+  const double h = 1e-5;
+  std::vector<double> out(static_cast<std::size_t>(n));
+  for (Index i = 0; i < n; ++i) {
+    const double x0 = x[i];
+    x[i] = x0 + h;
+    const double up = f();
+    x[i] = x0 - h;
+    const double down = f();
+    x[i] = x0;
+    out[std::size_t(i)] = (up - down) / (2 * h);
+  }
+  return out;
 }
 
 /// The entries of the weight `name` (a Keras name of Gradients::named()).

@@ -30,6 +30,7 @@ namespace {
 
 using kattn::Index;
 using kattn_test::randomTensor;
+using kattn_test::centralDifferences;
 using kattn_test::relError;
 using kattn_test::weightData;
 template <typename S, int R>
@@ -167,22 +168,6 @@ double lossOf(const Layer& layer, const Problem& p) {
   double l = 0;
   for (Index i = 0; i < y.size(); ++i) l += y.data()[i] * p.grad.data()[i];
   return l;
-}
-
-/// Central differences of f over every entry of x [n] (x restored after each).
-std::vector<double> centralDifferences(double* x, Index n, const std::function<double()>& f) {
-  const double h = 1e-5;
-  std::vector<double> out(static_cast<std::size_t>(n));
-  for (Index i = 0; i < n; ++i) {
-    const double x0 = x[i];
-    x[i] = x0 + h;
-    const double up = f();
-    x[i] = x0 - h;
-    const double down = f();
-    x[i] = x0;
-    out[std::size_t(i)] = (up - down) / (2 * h);
-  }
-  return out;
 }
 
 /// The smallest |logit| of the layer's query and key features (relu's kink is at 0).

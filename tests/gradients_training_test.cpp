@@ -32,6 +32,7 @@ namespace {
 
 using kattn::Index;
 using kattn_test::randomTensor;
+using kattn_test::centralDifferences;
 using kattn_test::relError;
 using kattn_test::weightData;
 template <typename S, int R>
@@ -149,22 +150,6 @@ Eigen::MatrixXd headsOf(const Tensor<double, 3>& x, const Tensor<double, 3>& ker
              Eigen::Map<const RowMat>(kernel.data(), D, N * d);
   h.rowwise() += Eigen::Map<const Eigen::RowVectorXd>(bias.data(), N * d);
   return Eigen::Map<const RowMat>(h.data(), rows * N, d);
-}
-
-/// Central differences of f over every entry of x [n] (x restored after each).
-std::vector<double> centralDifferences(double* x, Index n, const std::function<double()>& f) {
-  const double h = 1e-5;
-  std::vector<double> out(static_cast<std::size_t>(n));
-  for (Index i = 0; i < n; ++i) {
-    const double x0 = x[i];
-    x[i] = x0 + h;
-    const double up = f();
-    x[i] = x0 - h;
-    const double down = f();
-    x[i] = x0;
-    out[std::size_t(i)] = (up - down) / (2 * h);
-  }
-  return out;
 }
 
 /// The check of one tensor: relative error at most kFdTol, on a gradient that is not zero.

@@ -34,13 +34,7 @@ constexpr Index kMaxSoftmax = 16384;
 template <typename Map>
 void BM_BidirectionalCore(benchmark::State& state, int threads, Index T, int m,
                           kattn::CoreForm form) {
-  kattn::LayerConfig config;
-  config.num_heads = int(kHeads);
-  config.key_dim = int(kKeyDim);
-  config.value_dim = int(kValueDim);
-  config.feature_transform = Map::name;
-  config.num_random_features = m;
-  kattn::KernelAttention<float, Map> layer(config);
+  kattn::KernelAttention<float, Map> layer(coreConfig<Map>(m));
   layer.setThreads(threads);
   layer.setCoreForm(form);
   const auto q = headsInput(0, T, kHeads, kKeyDim);

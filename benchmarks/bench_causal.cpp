@@ -21,22 +21,6 @@ constexpr Index kMaxSoftmax = 16384;
 /// W5's prefix, fed in one call before the timed tokens.
 constexpr Index kPrefix = 4096;
 
-/// Token-level causal config: chunk 1, window `window`, no decay, `Map` features, m = 0: no
-/// projection.
-template <typename Map>
-kattn::LayerConfig causalConfig(int m, int window) {
-  kattn::LayerConfig config;
-  config.num_heads = int(kHeads);
-  config.key_dim = int(kKeyDim);
-  config.value_dim = int(kValueDim);
-  config.feature_transform = Map::name;
-  config.num_random_features = m;
-  config.use_causal_windowed = true;
-  config.causal_chunk_length = 1;
-  config.causal_window_length = window;
-  return config;
-}
-
 /// W3/W4: the whole-sequence causal pass of T tokens, into caller memory as W1.
 template <typename Map>
 void BM_CausalCore(benchmark::State& state, int threads, Index T, int m) {

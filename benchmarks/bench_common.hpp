@@ -4,6 +4,7 @@
 /// inputs, names `<workload>/<implementation>/<T>` with a `.../threads:1` twin, the `flops`
 /// and items counters, and registration.
 
+#include <array>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -72,6 +73,56 @@ inline kattn::ConstTensorMap<float, 4> headsInput(int stream, Index L, Index N, 
 inline kattn::ConstTensorMap<float, 3> layerInput(int stream, Index L, Index D,
                                                   Index B = kBatch) {
   return kattn::ConstTensorMap<float, 3>(inputData(stream, std::size_t(B * L * D)), B, L, D);
+}
+
+/// The cores' layer: kHeads heads of kKeyDim (values kValueDim), `Map` features, m random
+/// features (0: no projection).
+template <typename Map>
+kattn::LayerConfig coreConfig(int m) {
+  kattn::LayerConfig config;
+  config.num_heads = int(kHeads);
+  config.key_dim = int(kKeyDim);
+  config.value_dim = int(kValueDim);
+  config.feature_transform = Map::name;
+  config.num_random_features = m;
+  return config;
+}
+
+/// coreConfig made token-level causal: chunk 1, window `window` (chunks), no decay.
+template <typename Map>
+kattn::LayerConfig causalConfig(int m, int window) {
+  kattn::LayerConfig config = coreConfig<Map>(m);
+  config.use_causal_windowed = true;
+  config.causal_chunk_length = 1;
+  config.causal_window_length = window;
+  return config;
+}
+
+/// A tensor of the given shape from input stream `stream`, scaled by `scale`.
+template <int Rank>
+kattn::Tensor<float, Rank> randomTensor(int stream, const std::array<Index, Rank>& dims,
+                                        float scale) {
+  kattn::Tensor<float, Rank> t(dims);
+  const float* src = inputData(stream, std::size_t(t.size()));
+  for (Index i = 0; i < t.size(); ++i) t.data()[i] = scale * src[i];
+  return t;
+}
+
+/// W6's weights (bench_layer.cpp, and G6): D = O = model_dim, kHeads heads, scaled by
+/// 1/sqrt(fan-in) so that activations stay of order one (Glorot-like), biases small.
+inline kattn::Weights<float> layerWeights(Index model_dim) {
+  const float in_scale = 1.0f / std::sqrt(float(model_dim));
+  const float out_scale = 1.0f / std::sqrt(float(kHeads * kValueDim));
+  kattn::Weights<float> w;
+  w.query_kernel = randomTensor<3>(3, {model_dim, kHeads, kKeyDim}, in_scale);
+  w.key_kernel = randomTensor<3>(4, {model_dim, kHeads, kKeyDim}, in_scale);
+  w.value_kernel = randomTensor<3>(5, {model_dim, kHeads, kValueDim}, in_scale);
+  w.output_kernel = randomTensor<3>(6, {kHeads, kValueDim, model_dim}, out_scale);
+  w.query_bias = randomTensor<2>(7, {kHeads, kKeyDim}, 0.1f);
+  w.key_bias = randomTensor<2>(8, {kHeads, kKeyDim}, 0.1f);
+  w.value_bias = randomTensor<2>(9, {kHeads, kValueDim}, 0.1f);
+  w.output_bias = randomTensor<1>(10, {model_dim}, 0.1f);
+  return w;
 }
 
 /**

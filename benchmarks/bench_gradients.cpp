@@ -48,34 +48,13 @@ void timeReturned(benchmark::State& state, Fn&& run, Result&& result, double tok
   setCounters(state, tokens, flops);
 }
 
-template <typename Map>
-kattn::LayerConfig coreConfig(int m) {
-  kattn::LayerConfig config;
-  config.num_heads = int(kHeads);
-  config.key_dim = int(kKeyDim);
-  config.value_dim = int(kValueDim);
-  config.feature_transform = Map::name;
-  config.num_random_features = m;
-  return config;
-}
-
-/// W3's causal configuration for T tokens: chunks of one token, a window covering them all.
-template <typename Map>
-kattn::LayerConfig causalCoreConfig(int m, Index T) {
-  kattn::LayerConfig config = coreConfig<Map>(m);
-  config.use_causal_windowed = true;
-  config.causal_chunk_length = 1;
-  config.causal_window_length = int(T);
-  return config;
-}
-
 /// G1/G3: the core of `Map` features (m = 0: no projection), S = T, bidirectional (G1) or
 /// causal (G3). The causal count is the bidirectional one (flops.hpp: causality removes no
 /// essential work from the linear form, in either direction).
 template <typename Map, typename Masking>
 void BM_CoreGradients(benchmark::State& state, int threads, Index T, int m, Pass pass) {
   constexpr bool causal = std::is_same_v<Masking, kattn::CausalWindowed>;
-  kattn::KernelAttention<float, Map, Masking> layer(causal ? causalCoreConfig<Map>(m, T)
+  kattn::KernelAttention<float, Map, Masking> layer(causal ? causalConfig<Map>(m, int(T))
                                                            : coreConfig<Map>(m));
   layer.setThreads(threads);
   const auto q = headsInput(0, T, kHeads, kKeyDim);
@@ -109,36 +88,10 @@ void BM_CoreGradients(benchmark::State& state, int threads, Index T, int m, Pass
                double(kBatch * T), work);
 }
 
-/// A tensor of the given shape from input stream `stream`, scaled by `scale`.
-template <int Rank>
-kattn::Tensor<float, Rank> randomTensor(int stream, const std::array<Index, Rank>& dims,
-                                        float scale) {
-  kattn::Tensor<float, Rank> t(dims);
-  const float* src = inputData(stream, std::size_t(t.size()));
-  for (Index i = 0; i < t.size(); ++i) t.data()[i] = scale * src[i];
-  return t;
-}
-
-/// W6's weights (bench_layer.cpp): scaled by 1/sqrt(fan-in), small biases.
-kattn::Weights<float> layerWeights() {
-  const float in_scale = 1.0f / std::sqrt(float(kModelDim));
-  const float out_scale = 1.0f / std::sqrt(float(kHeads * kValueDim));
-  kattn::Weights<float> w;
-  w.query_kernel = randomTensor<3>(3, {kModelDim, kHeads, kKeyDim}, in_scale);
-  w.key_kernel = randomTensor<3>(4, {kModelDim, kHeads, kKeyDim}, in_scale);
-  w.value_kernel = randomTensor<3>(5, {kModelDim, kHeads, kValueDim}, in_scale);
-  w.output_kernel = randomTensor<3>(6, {kHeads, kValueDim, kModelDim}, out_scale);
-  w.query_bias = randomTensor<2>(7, {kHeads, kKeyDim}, 0.1f);
-  w.key_bias = randomTensor<2>(8, {kHeads, kKeyDim}, 0.1f);
-  w.value_bias = randomTensor<2>(9, {kHeads, kValueDim}, 0.1f);
-  w.output_bias = randomTensor<1>(10, {kModelDim}, 0.1f);
-  return w;
-}
-
 /// G6: W6's layer, self-attention forward(x, x), then kattn::backward.
 void BM_LayerGradients(benchmark::State& state, int threads, Index T, Pass pass) {
   kattn::KernelAttention<float, kattn::Exp> layer(coreConfig<kattn::Exp>(256));
-  layer.setWeights(layerWeights());
+  layer.setWeights(layerWeights(kModelDim));
   layer.setThreads(threads);
   const auto x = layerInput(0, T, kModelDim);
   const auto grad = layerInput(11, T, kModelDim);

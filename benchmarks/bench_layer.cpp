@@ -19,33 +19,6 @@ namespace {
 constexpr Index kLengths[] = {1024, 16384};
 constexpr Index kModelDim = 512;
 
-/// A tensor of the given shape from input stream `stream`, scaled by `scale`.
-template <int Rank>
-kattn::Tensor<float, Rank> randomTensor(int stream, const std::array<Index, Rank>& dims,
-                                        float scale) {
-  kattn::Tensor<float, Rank> t(dims);
-  const float* src = inputData(stream, std::size_t(t.size()));
-  for (Index i = 0; i < t.size(); ++i) t.data()[i] = scale * src[i];
-  return t;
-}
-
-/// Random weights for D = O = kModelDim, scaled by 1/sqrt(fan-in) so that activations stay
-/// of order one (Glorot-like), biases small.
-kattn::Weights<float> randomWeights() {
-  const float in_scale = 1.0f / std::sqrt(float(kModelDim));
-  const float out_scale = 1.0f / std::sqrt(float(kHeads * kValueDim));
-  kattn::Weights<float> w;
-  w.query_kernel = randomTensor<3>(3, {kModelDim, kHeads, kKeyDim}, in_scale);
-  w.key_kernel = randomTensor<3>(4, {kModelDim, kHeads, kKeyDim}, in_scale);
-  w.value_kernel = randomTensor<3>(5, {kModelDim, kHeads, kValueDim}, in_scale);
-  w.output_kernel = randomTensor<3>(6, {kHeads, kValueDim, kModelDim}, out_scale);
-  w.query_bias = randomTensor<2>(7, {kHeads, kKeyDim}, 0.1f);
-  w.key_bias = randomTensor<2>(8, {kHeads, kKeyDim}, 0.1f);
-  w.value_bias = randomTensor<2>(9, {kHeads, kValueDim}, 0.1f);
-  w.output_bias = randomTensor<1>(10, {kModelDim}, 0.1f);
-  return w;
-}
-
 /// forward(x, x) of a layer of `Map` features with `Masking`; m = 0: no projection.
 template <typename Map, typename Masking>
 void BM_Layer(benchmark::State& state, int threads, Index T, int m) {
@@ -61,7 +34,7 @@ void BM_Layer(benchmark::State& state, int threads, Index T, int m) {
     config.causal_window_length = int(T);
   }
   kattn::KernelAttention<float, Map, Masking> layer(config);
-  layer.setWeights(randomWeights());
+  layer.setWeights(layerWeights(kModelDim));
   layer.setThreads(threads);
   const auto x = layerInput(0, T, kModelDim);
   const double work = flops::layer(kBatch, kHeads, T, kModelDim, kKeyDim,

@@ -645,6 +645,27 @@ TEST(CausalGradients, ResultsDoNotDependOnTheThreadCount) {
 
 // ---- memory ----------------------------------------------------------------------------------
 
+TEST(CausalGradients, AttendBackwardIntoCallerMemoryWritesTheReturnedGradients) {
+  // Buffers full of NaN, so that an entry left unwritten shows; the token scans (C = 1, a
+  // window over the sequence) and the chunk walk.
+  for (const Causality& k : {Causality{1, kNoWindow, 0.7, "none"}, Causality{2, 2, 0.0, "left"}}) {
+    SCOPED_TRACE(label("relu", 4, k, true));
+    const kattn::LayerConfig c = causalConfig("relu", 4, k);
+    Causal<kattn::Relu> layer(c);
+    std::mt19937_64 gen(31);
+    const Heads h = makeHeads(gen, c, layer.projection(), 9, true);
+    const kattn::HeadGradients<double> want = attendBackwardOf(layer, h);
+    Tensor<double, 4> dq(h.q.dimensions()), dk(h.k.dimensions()), dv(h.v.dimensions());
+    for (Tensor<double, 4>* t : {&dq, &dk, &dv}) t->setConstant(std::nan(""));
+    const CMap<double, 2> m(h.mask->data(), h.mask->dimensions());
+    kattn::attendBackward(layer, h.q, h.k, h.v, m, h.g, kattn::TensorMap<double, 4>(dq),
+                          kattn::TensorMap<double, 4>(dk), kattn::TensorMap<double, 4>(dv));
+    EXPECT_TRUE(sameBits(dq.data(), want.q.data(), dq.size()));
+    EXPECT_TRUE(sameBits(dk.data(), want.k.data(), dk.size()));
+    EXPECT_TRUE(sameBits(dv.data(), want.v.data(), dv.size()));
+  }
+}
+
 // ---- the error paths ---------------------------------------------------------------------
 
 template <typename F>
@@ -680,6 +701,23 @@ TEST(CausalGradients, ErrorsNameTheArgument) {
   Tensor<double, 4> nan_grad = g;
   nan_grad(1, 2, 0, 1) = std::nan("");
   expectInvalid("grad_heads", [&] { kattn::attendBackward(layer, q, k, v, std::nullopt, nan_grad); });
+  // Into caller memory: shapes, and memory shared with an input or another gradient.
+  using Map4 = kattn::TensorMap<double, 4>;
+  Tensor<double, 4> dq(q.dimensions()), dk(k.dimensions()), dv(v.dimensions()), dq7(q7.dimensions());
+  auto into = [&](Map4 gq, Map4 gk, Map4 gv, const Tensor<double, 4>& kin) {
+    kattn::attendBackward(layer, q, kin, v, std::nullopt, g, gq, gk, gv);
+  };
+  EXPECT_NO_THROW(into(Map4(dq), Map4(dk), Map4(dv), k));
+  expectInvalid("grad_q", [&] { into(Map4(dq7), Map4(dk), Map4(dv), k); });
+  expectInvalid("grad_v", [&] { into(Map4(dq), Map4(dk), Map4(dk.data(), v.dimensions()), k); });
+  Tensor<double, 4> k_owned = k;
+  expectInvalid("grad_k", [&] { into(Map4(dq), Map4(k_owned), Map4(dv), k_owned); });
+  try {
+    into(Map4(dq), Map4(dk), Map4(dq.data() + 1, v.dimensions()), k);
+    ADD_FAILURE() << "no exception for grad_v over grad_q";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("overlaps grad_q"), std::string::npos) << e.what();
+  }
   // The whole layer.
   Causal<kattn::Elu> with_weights(c);
   with_weights.setWeights(makeWeights(gen, c, true, false));

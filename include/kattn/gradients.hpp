@@ -19,6 +19,8 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
+#include <initializer_list>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -109,6 +111,7 @@ namespace detail {
 /// Throws std::invalid_argument naming `what` at its first non-finite entry.
 template <typename Scalar>
 void requireFinite(const char* what, const Scalar* p, Index n) {
+  if (Eigen::Map<const Eigen::Array<Scalar, Eigen::Dynamic, 1>>(p, n).allFinite()) return;
   for (Index i = 0; i < n; ++i) {
     if (!std::isfinite(p[i])) {
       throw std::invalid_argument(std::string(what) + ": expected finite values, got " +
@@ -210,6 +213,35 @@ void applyDropout(const Dropout& dropout, Matrix<Scalar>& x, Index B, Index T, I
   }
 }
 
+/// A named span of numbers, for requireDisjoint.
+template <typename Scalar>
+struct Span {
+  const char* name;
+  const Scalar* data;
+  Index size;
+};
+
+/// Throws std::invalid_argument naming the two tensors when an output span overlaps an input
+/// span or another output: a backward reads its inputs while it writes its outputs.
+template <typename Scalar>
+void requireDisjoint(std::initializer_list<Span<Scalar>> inputs,
+                     std::initializer_list<Span<Scalar>> outputs) {
+  auto overlap = [](const Span<Scalar>& a, const Span<Scalar>& b) {
+    if (!a.data || !b.data || a.size == 0 || b.size == 0) return false;
+    const std::less<const Scalar*> before;
+    return before(a.data, b.data + b.size) && before(b.data, a.data + a.size);
+  };
+  for (auto o = outputs.begin(); o != outputs.end(); ++o) {
+    auto clash = [&](const Span<Scalar>& other) {
+      if (!overlap(*o, other)) return;
+      throw std::invalid_argument(std::string(o->name) + ": overlaps " + other.name +
+                                  " in memory; the gradients need memory of their own");
+    };
+    for (const Span<Scalar>& in : inputs) clash(in);
+    for (auto p = outputs.begin(); p != o; ++p) clash(*p);
+  }
+}
+
 /// A zeroed tensor of the given dims.
 template <typename Scalar, int Rank>
 Tensor<Scalar, Rank> zeros(const std::array<Index, Rank>& dims) {
@@ -222,7 +254,8 @@ Tensor<Scalar, Rank> zeros(const std::array<Index, Rank>& dims) {
 
 /**
  * \brief The backward of attend(): the gradients of a loss with respect to the heads q, k, v,
- * given its gradient with respect to attend's output heads.
+ * given its gradient with respect to attend's output heads, written into caller memory (a
+ * training loop that reuses its buffers does not pay fresh pages' first touch every step).
  * \param layer the layer whose attend() ran: bidirectional (map, projection, scale,
  *        begin_kernel, is_short_seq) or causal (also chunks, window, decay, padding)
  * \param q [B, T, N, d]
@@ -230,11 +263,15 @@ Tensor<Scalar, Rank> zeros(const std::array<Index, Rank>& dims) {
  * \param v [B, S, N, d_v]
  * \param attention_mask [B, S] or std::nullopt, as given to attend()
  * \param grad_heads [B, T, N, d_v], d loss / d heads; finite
+ * \param grad_q [B, T, N, d], overwritten with d loss / d q
+ * \param grad_k [B, S, N, d], overwritten with d loss / d k
+ * \param grad_v [B, S, N, d_v], overwritten with d loss / d v
  * \param training_call std::nullopt for an attend() in inference mode; for one in training
  *        mode, its number (TrainingCall): the backward then uses that call's redrawn
  *        projection and dropout mask. Any number fits a layer without dropout and redraw
  *        (its training calls draw nothing, so they are its inference calls).
- * \throws std::invalid_argument naming the tensor on a shape error or a non-finite grad_heads,
+ * \throws std::invalid_argument naming the tensor on a shape error, a non-finite grad_heads or
+ *         a gradient whose memory overlaps an input's or another gradient's,
  *         and where attend() would (scale_by_length without a fitting mask; causal: S != T,
  *         or T not a multiple of the chunk without padding); naming training_call for a
  *         number beyond redrawProjection's (with redraw).
@@ -246,14 +283,16 @@ Tensor<Scalar, Rank> zeros(const std::array<Index, Rank>& dims) {
  *       In training mode with dropout, also the dropped grad_heads, [B, T, N, d_v].
  */
 template <typename Scalar, typename FeatureMap, typename Masking>
-HeadGradients<Scalar> attendBackward(
-    const KernelAttention<Scalar, FeatureMap, Masking>& layer,
-    const ConstTensorMap<detail::NoDeduce<Scalar>, 4>& q,
-    const ConstTensorMap<detail::NoDeduce<Scalar>, 4>& k,
-    const ConstTensorMap<detail::NoDeduce<Scalar>, 4>& v,
-    const std::optional<ConstTensorMap<detail::NoDeduce<Scalar>, 2>>& attention_mask,
-    const ConstTensorMap<detail::NoDeduce<Scalar>, 4>& grad_heads,
-    const std::optional<TrainingCall>& training_call = std::nullopt) {
+void attendBackward(const KernelAttention<Scalar, FeatureMap, Masking>& layer,
+                    const ConstTensorMap<detail::NoDeduce<Scalar>, 4>& q,
+                    const ConstTensorMap<detail::NoDeduce<Scalar>, 4>& k,
+                    const ConstTensorMap<detail::NoDeduce<Scalar>, 4>& v,
+                    const std::optional<ConstTensorMap<detail::NoDeduce<Scalar>, 2>>& attention_mask,
+                    const ConstTensorMap<detail::NoDeduce<Scalar>, 4>& grad_heads,
+                    TensorMap<detail::NoDeduce<Scalar>, 4> grad_q,
+                    TensorMap<detail::NoDeduce<Scalar>, 4> grad_k,
+                    TensorMap<detail::NoDeduce<Scalar>, 4> grad_v,
+                    const std::optional<TrainingCall>& training_call = std::nullopt) {
   const Index N = layer.numHeads(), d = layer.keyDim(), dv = layer.valueDim();
   const Index B = q.dimension(0), T = q.dimension(1), S = k.dimension(1);
   checkShape<4>("q", q.dimensions(), {-1, -1, N, d});
@@ -261,6 +300,16 @@ HeadGradients<Scalar> attendBackward(
   checkShape<4>("v", v.dimensions(), {B, S, N, dv});
   if (attention_mask) checkShape<2>("attention_mask", attention_mask->dimensions(), {B, S});
   checkShape<4>("grad_heads", grad_heads.dimensions(), {B, T, N, dv});
+  checkShape<4>("grad_q", grad_q.dimensions(), {B, T, N, d});
+  checkShape<4>("grad_k", grad_k.dimensions(), {B, S, N, d});
+  checkShape<4>("grad_v", grad_v.dimensions(), {B, S, N, dv});
+  detail::requireDisjoint<Scalar>(
+      {{"q", q.data(), q.size()}, {"k", k.data(), k.size()}, {"v", v.data(), v.size()},
+       {"attention_mask", attention_mask ? attention_mask->data() : nullptr,
+        attention_mask ? attention_mask->size() : 0},
+       {"grad_heads", grad_heads.data(), grad_heads.size()}},
+      {{"grad_q", grad_q.data(), grad_q.size()}, {"grad_k", grad_k.data(), grad_k.size()},
+       {"grad_v", grad_v.data(), grad_v.size()}});
   detail::requireFinite("grad_heads", grad_heads.data(), grad_heads.size());
   detail::CoreGradCall<Scalar> call =
       detail::gradCall(layer, B, T, S, attention_mask ? attention_mask->data() : nullptr);
@@ -272,17 +321,43 @@ HeadGradients<Scalar> attendBackward(
     detail::applyDropout(dropout, dropped_grad, B, T, std::min<Index>(call.begin_kernel, T));
     call.grad = dropped_grad.data();
   }
-  HeadGradients<Scalar> out;
-  out.q = detail::zeros<Scalar, 4>({B, T, N, d});
-  out.k = detail::zeros<Scalar, 4>({B, S, N, d});
-  out.v = detail::zeros<Scalar, 4>({B, S, N, dv});
+  // The causal backward overwrites dk and dv; the bidirectional one adds to all three.
+  grad_q.setZero();
+  if constexpr (!Masking::causal) {
+    grad_k.setZero();
+    grad_v.setZero();
+  }
   call.q = q.data();
   call.k = k.data();
   call.v = v.data();
-  call.dq = out.q.data();
-  call.dk = out.k.data();
-  call.dv = out.v.data();
+  call.dq = grad_q.data();
+  call.dk = grad_k.data();
+  call.dv = grad_v.data();
   detail::layerCoreBackward(layer, call);
+}
+
+/// attendBackward returning new tensors (HeadGradients): the overload above into memory it
+/// allocates.
+template <typename Scalar, typename FeatureMap, typename Masking>
+HeadGradients<Scalar> attendBackward(
+    const KernelAttention<Scalar, FeatureMap, Masking>& layer,
+    const ConstTensorMap<detail::NoDeduce<Scalar>, 4>& q,
+    const ConstTensorMap<detail::NoDeduce<Scalar>, 4>& k,
+    const ConstTensorMap<detail::NoDeduce<Scalar>, 4>& v,
+    const std::optional<ConstTensorMap<detail::NoDeduce<Scalar>, 2>>& attention_mask,
+    const ConstTensorMap<detail::NoDeduce<Scalar>, 4>& grad_heads,
+    const std::optional<TrainingCall>& training_call = std::nullopt) {
+  const Index N = layer.numHeads(), d = layer.keyDim(), dv = layer.valueDim();
+  // Shapes first, so that a wrong tensor is named before anything is allocated for it.
+  checkShape<4>("q", q.dimensions(), {-1, -1, N, d});
+  checkShape<4>("k", k.dimensions(), {q.dimension(0), -1, N, d});
+  const Index B = q.dimension(0), T = q.dimension(1), S = k.dimension(1);
+  HeadGradients<Scalar> out;
+  out.q = Tensor<Scalar, 4>(B, T, N, d);
+  out.k = Tensor<Scalar, 4>(B, S, N, d);
+  out.v = Tensor<Scalar, 4>(B, S, N, dv);
+  attendBackward(layer, q, k, v, attention_mask, grad_heads, TensorMap<Scalar, 4>(out.q),
+                 TensorMap<Scalar, 4>(out.k), TensorMap<Scalar, 4>(out.v), training_call);
   return out;
 }
 

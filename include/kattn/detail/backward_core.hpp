@@ -68,6 +68,33 @@ Strided<Scalar> headBlock(Scalar* base, Index len, Index N, Index h, Index b, In
   return Strided<Scalar>(base + ((b * len + r0) * N + n) * h, L, h, Eigen::OuterStride<>(N * h));
 }
 
+/// dst = factor * src, src rows of one head inside rows of all heads, prefetched
+/// kPrefetchRows ahead (prefetchRow says why).
+template <typename Scalar>
+void gatherRows(const ConstStrided<Scalar>& src, Scalar factor, Matrix<Scalar>& dst) {
+  const Index L = src.rows(), h = src.cols();
+  dst.resize(L, h);
+  for (Index t = 0; t < L; ++t) {
+    if (t + kPrefetchRows < L) prefetchRow(src.row(t + kPrefetchRows).data(), h);
+    dst.row(t).noalias() = factor * src.row(t);
+  }
+}
+
+/// dst = factor * src (Add: dst += factor * src), dst rows of one head inside rows of all
+/// heads, prefetched as in gatherRows.
+template <bool Add, typename Scalar, typename Src>
+void scatterRows(const Src& src, Scalar factor, Strided<Scalar> dst) {
+  const Index L = src.rows(), h = src.cols();
+  for (Index t = 0; t < L; ++t) {
+    if (t + kPrefetchRows < L) prefetchRow(dst.row(t + kPrefetchRows).data(), h);
+    if constexpr (Add) {
+      dst.row(t) += factor * src.row(t);
+    } else {
+      dst.row(t) = factor * src.row(t);
+    }
+  }
+}
+
 /// One (batch row, head) of one part (query rows [q0, q1)) of the core backward.
 template <typename Scalar>
 struct HeadJob {
@@ -85,10 +112,10 @@ struct HeadJob {
 
   /// Scaled query rows [t0, t0 + L) (t0 absolute), scaled key rows [s0, s0 + L).
   void queries(Index t0, Index L, Mat& x) const {
-    x.noalias() = headBlock(call->q, call->T, N(), d(), b, n, t0, L) * rq;
+    gatherRows(headBlock(call->q, call->T, N(), d(), b, n, t0, L), rq, x);
   }
   void keys(Index s0, Index L, Mat& x) const {
-    x.noalias() = headBlock(call->k, call->S, N(), d(), b, n, s0, L) * rk;
+    gatherRows(headBlock(call->k, call->S, N(), d(), b, n, s0, L), rk, x);
   }
   ConstStrided<Scalar> values(Index s0, Index L) const {
     return headBlock(call->v, call->S, N(), dv(), b, n, s0, L);
@@ -105,10 +132,10 @@ struct HeadJob {
   }
   /// Adds the gradients of scaled rows dx to the heads' gradients.
   void addQueryGrad(Index t0, const Mat& dx) const {
-    headBlock(call->dq, call->T, N(), d(), b, n, t0, dx.rows()) += rq * dx;
+    scatterRows<true>(dx, rq, headBlock(call->dq, call->T, N(), d(), b, n, t0, dx.rows()));
   }
   void addKeyGrad(Index s0, const Mat& dx) const {
-    headBlock(call->dk, call->S, N(), d(), b, n, s0, dx.rows()) += rk * dx;
+    scatterRows<true>(dx, rk, headBlock(call->dk, call->S, N(), d(), b, n, s0, dx.rows()));
   }
 };
 

@@ -23,6 +23,7 @@
 #include "../masking.hpp"
 #include "backward_core.hpp"
 #include "causal_state.hpp"
+#include "causal_tokens.hpp"
 
 namespace kattn {
 namespace detail {
@@ -175,6 +176,109 @@ void causalBackward(HeadJob<Scalar>& job, const CausalChunking& ch) {
   }
 }
 
+/**
+ * causalBackward for chunks of one token and a window over the whole sequence (prefix-sum
+ * attention, W3's core): three unnormalised scans on the token kernels (linearScan) instead
+ * of causalBackward's window sums and one-row products per token. With S_t = sum_{s<=t}
+ * gamma^(t-s) k'_s^T v_s, z_t likewise, den_t = q'_t z_t + eps and gn_t = g_t / den_t:
+ * - dq'_t = S_t gn_t^T + gd_t z_t, the first term a forward scan (query gn, key v, value k');
+ * - gd_t = -gn_t.a_t = -q'_t.(S_t gn_t^T) / den_t, read off that term, so the heads a_t are
+ *   not recomputed unless the caller wants them (one more scan);
+ * - dk'_t = sum_{s>=t} gamma^(s-t) ([v_t, 1].[gn_s, gd_s]) q'_s and
+ *   dv_t = sum_{s>=t} gamma^(s-t) (k'_t.q'_s) gn_s, two scans last to first.
+ * den_t and gd_t pass from the first walk to the second in the rows' slots, as in
+ * causalBackward. z_t is summed with compensation, as the forward's is.
+ */
+template <typename Map, typename Scalar>
+void tokenBackward(HeadJob<Scalar>& job, const CausalChunking& ch) {
+  using Mat = Matrix<Scalar>;
+  const CoreGradCall<Scalar>& call = *job.call;
+  const Index F = featureDim(job.d(), call.projection), dv = job.dv(), d = job.d(), T = ch.T;
+  const Index L = kStreamRows;
+  const Scalar eps = Scalar(kNormaliserEps), gamma = Scalar(ch.gamma);
+  Mat xq, qf, xk, kf, kraw, v, g, df, dx, zs, wk, a, ag, av;
+  Vector<Scalar> den, z = Vector<Scalar>::Zero(F), zc = Vector<Scalar>::Zero(F);  // z_t, its error
+  Mat s_dq = Mat::Zero(dv, F);                        // sum of v^T k': the dq scan's state
+  Mat s_a = call.heads ? Mat::Zero(F, dv) : Mat();  // sum of k'^T v: the heads' scan's
+
+  for (Index r0 = 0; r0 < T; r0 += L) {
+    const Index n = std::min(L, T - r0);
+    job.queries(r0, n, xq);
+    recomputeFeatures<Map, Scalar>(job.qside, xq, qf);
+    job.keys(r0, n, xk);
+    recomputeFeatures<Map, Scalar>(job.kside, xk, kf);
+    job.applyMask(kf, r0);
+    gatherRows(job.values(r0, n), Scalar(1), v);
+    gatherRows(job.grads(r0, n), Scalar(1), g);
+    zs.resize(n, F);
+    den.resize(n);
+    Scalar* __restrict zp = z.data();
+    Scalar* __restrict cp = zc.data();
+    for (Index t = 0; t < n; ++t) {  // z_t = gamma z_{t-1} + k'_t, compensated (Kahan)
+      const Scalar* __restrict kp = kf.row(t).data();
+      Scalar* __restrict out = zs.row(t).data();
+      for (Index f = 0; f < F; ++f) {
+        const Scalar kept = gamma * zp[f], y = kp[f] - gamma * cp[f], sum = kept + y;
+        cp[f] = (sum - kept) - y;
+        zp[f] = sum;
+        out[f] = sum - cp[f];
+      }
+      den(t) = qf.row(t).dot(zs.row(t)) + eps;
+    }
+    ag.noalias() = g;
+    ag.array().colwise() /= den.array();
+    df.resize(n, F);
+    linearScan<false>(gamma, s_dq, ag, v, kf, wk, df);
+    for (Index t = 0; t < n; ++t) {
+      const Scalar gd = -qf.row(t).dot(df.row(t)) / den(t);
+      df.row(t) += gd * zs.row(t);
+      rowSlot(job, call.dk, d, r0 + t) = den(t);
+      rowSlot(job, call.dv, dv, r0 + t) = gd;
+    }
+    if (call.heads) {
+      a.resize(n, dv);
+      linearScan<false>(gamma, s_a, qf, kf, v, wk, a);
+      a.array().colwise() /= den.array();
+      scatterRows<false>(a, Scalar(1),
+                         headBlock(call.heads, call.T, job.N(), dv, job.b, job.n, r0, n));
+    }
+    featureBackward<Map, Scalar>(job.qside, xq, qf, df, dx, job.dshift_q);
+    job.addQueryGrad(r0, dx);
+  }
+
+  Mat r_k = Mat::Zero(dv + 1, F);  // suffix sum of [gn, gd]^T q': the dk scan's state
+  Mat r_v = Mat::Zero(F, dv);      // suffix sum of q'^T gn: the dv scan's
+  const Index blocks = (T + L - 1) / L;
+  for (Index blk = blocks; blk-- > 0;) {
+    const Index r0 = blk * L, n = std::min(L, T - r0);
+    job.queries(r0, n, xq);
+    recomputeFeatures<Map, Scalar>(job.qside, xq, qf);
+    job.keys(r0, n, xk);
+    recomputeFeatures<Map, Scalar>(job.kside, xk, kraw);
+    kf = kraw;
+    job.applyMask(kf, r0);
+    gatherRows(job.values(r0, n), Scalar(1), v);
+    gatherRows(job.grads(r0, n), Scalar(1), g);
+    ag.resize(n, dv + 1);  // [gn, gd]
+    av.resize(n, dv + 1);  // [v, 1]
+    for (Index t = 0; t < n; ++t) {
+      ag.row(t).head(dv) = g.row(t) / rowSlot(job, call.dk, d, r0 + t);
+      ag(t, dv) = rowSlot(job, call.dv, dv, r0 + t);
+    }
+    av.leftCols(dv) = v;
+    av.col(dv).setOnes();
+    df.resize(n, F);
+    linearScan<true>(gamma, r_k, av, ag, qf, wk, df);
+    a.resize(n, dv);
+    const auto gn = ag.leftCols(dv);
+    linearScan<true>(gamma, r_v, kf, qf, gn, wk, a);
+    job.applyMask(df, r0);
+    featureBackward<Map, Scalar>(job.kside, xk, kraw, df, dx, job.dshift_k);
+    scatterRows<false>(dx, job.rk, headBlock(call.dk, call.T, job.N(), d, job.b, job.n, r0, n));
+    scatterRows<false>(a, Scalar(1), headBlock(call.dv, call.T, job.N(), dv, job.b, job.n, r0, n));
+  }
+}
+
 /// The whole causal core backward (S = T), for `masking`'s chunks, window, decay and padding.
 /// The caller zeroes dq; dk and dv are overwritten.
 template <typename Map, typename Scalar>
@@ -191,7 +295,13 @@ void causalCoreBackward(const CoreGradCall<Scalar>& call, const CausalWindowed& 
   const double flops = 12.0 * double(call.B * call.dims.heads) * double(call.T) * double(F) *
                        double(d + dv);
   runHeadJobs<Map>(call, false, 0, call.T, flops,
-                   [&](HeadJob<Scalar>& j) { causalBackward<Map>(j, ch); });
+                   [&](HeadJob<Scalar>& j) {
+                     if (ch.chunk == 1 && !ch.sliding()) {
+                       tokenBackward<Map>(j, ch);
+                     } else {
+                       causalBackward<Map>(j, ch);
+                     }
+                   });
 }
 
 }  // namespace detail

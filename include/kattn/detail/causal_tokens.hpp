@@ -337,5 +337,70 @@ void causalTokens(Scalar gamma, CausalHeadState<Scalar>& st, const ConstBlock<Sc
   }
 }
 
+/**
+ * Unnormalised token-level linear attention over the rows of a block, walked first to last
+ * (Reverse = false) or last to first: out_t = q_t S_t with S_t = gamma S_prev + k_t^T v_t,
+ * S_prev the state after the row walked before t, so that row t sees itself and the rows walked
+ * before it, the one j steps earlier weighted gamma^j. `state` [K, V] carries S from the block
+ * walked before and is left at the sum after the last row. The causal backward's products are
+ * scans of this kind, so they run on causalTokens' register kernel with normalisers of 1.
+ * q, k [L, K], v [L, V], out [L, V], each with contiguous rows; `wk` is scratch.
+ */
+template <bool Reverse, typename Scalar, typename Q, typename K, typename V, typename Out>
+void linearScan(Scalar gamma, Matrix<Scalar>& state, const Q& q, const K& k, const V& v,
+                Matrix<Scalar>& wk, Out& out) {
+  constexpr int B = kTokenBlock;
+  const Index L = q.rows(), F = q.cols(), dv = v.cols();
+  KATTN_ASSERT(k.rows() == L && v.rows() == L && out.rows() == L);
+  KATTN_ASSERT(k.cols() == F && state.rows() == F && state.cols() == dv && out.cols() == dv);
+  KATTN_ASSERT(q.innerStride() == 1 && k.innerStride() == 1 && v.innerStride() == 1 &&
+               out.innerStride() == 1);
+  auto at = [L](Index i) { return Reverse ? L - 1 - i : i; };
+  const bool decays = gamma != Scalar(1);
+  Scalar gpow[B + 1];
+  gpow[0] = Scalar(1);
+  for (int i = 1; i <= B; ++i) gpow[i] = gpow[i - 1] * gamma;
+  if (decays) wk.resize(B, F);
+  TokenBlock<Scalar> b;
+  b.g_state = gpow[B];
+  Scalar* rows_out[B];
+  Index i = 0;
+  for (; i + B <= L; i += B) {
+    for (int l = 0; l < B; ++l) {
+      const Index r = at(i + l);
+      b.q[l] = q.row(r).data();
+      b.v[l] = v.row(r).data();
+      rows_out[l] = out.row(r).data();
+      if (decays) {
+        wk.row(l) = gpow[B - 1 - l] * k.row(r);
+        b.k[l] = wk.row(l).data();
+      } else {
+        b.k[l] = k.row(r).data();
+      }
+      for (int j = 0; j <= l; ++j) b.s[l][j] = gpow[l - j] * q.row(r).dot(k.row(at(i + j)));
+      b.g_out[l] = gpow[l + 1];
+      b.den[l] = Scalar(1);
+    }
+    auto panels = [&](auto decays_tag) {
+      constexpr bool D = decltype(decays_tag)::value;
+      constexpr int W = kPacket<Scalar>;
+      Index c0 = 0;
+      for (; c0 + W <= dv; c0 += W) causalTokenBlockPanel<D, Scalar>(b, state, c0, rows_out);
+      if (c0 < dv) causalTokenBlockTail<D, Scalar>(b, state, c0, rows_out);
+    };
+    if (decays) {
+      panels(std::true_type{});
+    } else {
+      panels(std::false_type{});
+    }
+  }
+  for (; i < L; ++i) {  // at most B - 1 rows: Eigen's products
+    const Index r = at(i);
+    if (decays) state *= gamma;
+    state.noalias() += k.row(r).transpose() * v.row(r);
+    out.row(r).noalias() = q.row(r) * state;
+  }
+}
+
 }  // namespace detail
 }  // namespace kattn

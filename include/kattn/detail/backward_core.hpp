@@ -140,7 +140,7 @@ struct HeadJob {
 };
 
 /// The low-rank form's backward of one job: a = q'KV / (q'z + eps) with KV = k'^T v, z = k'^T 1.
-/// dKV = q'^T (g / den), dz = -q'^T (g.a / den); dq' = (g / den) KV^T + dden z^T;
+/// dKV = q'^T (g / den), dz = q'^T dden with dden = -g.a / den; dq' = (g / den) KV^T + dden z^T;
 /// dk' = v dKV^T + 1 dz^T; dv = k' dKV. O((T + S) F d_v), memory O(F d_v + block).
 template <typename Map, typename Scalar>
 void lowRankBackward(HeadJob<Scalar>& job) {
@@ -166,20 +166,21 @@ void lowRankBackward(HeadJob<Scalar>& job) {
     recomputeFeatures<Map, Scalar>(job.qside, x, f);
     den.noalias() = f * z;
     den.array() += eps;
-    a.noalias() = f * kv;
-    const auto g = job.grads(t0, len);
-    gn.resize(len, dv);
+    gatherRows(job.grads(t0, len), Scalar(1), gn);
+    gn.array().colwise() /= den.array();
+    df.noalias() = gn * kv.transpose();
+    // gd_t = -g_t.a_t / den_t = -q'_t.(gn_t KV^T) / den_t: read off df's first term, so the
+    // heads a = q'KV / den are computed only for a caller who wants them (the layer's dWo).
     gd.resize(len);
-    for (Index t = 0; t < len; ++t) {
-      a.row(t) /= den(t);
-      gn.row(t) = g.row(t) / den(t);
-      gd(t) = -g.row(t).dot(a.row(t)) / den(t);
+    for (Index t = 0; t < len; ++t) gd(t) = -f.row(t).dot(df.row(t)) / den(t);
+    if (job.call->heads) {
+      a.noalias() = f * kv;
+      a.array().colwise() /= den.array();
+      scatterRows<false>(a, Scalar(1), headBlock(job.call->heads, job.call->T, job.N(), dv,
+                                                 job.b, job.n, t0, len));
     }
-    if (job.call->heads) headBlock(job.call->heads, job.call->T, job.N(), dv, job.b, job.n, t0,
-                                   len) = a;
     dkv.noalias() += f.transpose() * gn;
     dz.noalias() += f.transpose() * gd;
-    df.noalias() = gn * kv.transpose();
     df.noalias() += gd * z.transpose();
     featureBackward<Map, Scalar>(job.qside, x, f, df, dx, job.dshift_q);
     job.addQueryGrad(t0, dx);

@@ -114,6 +114,9 @@ struct ArgMax {
 
   /// Takes in the logits z of rows [r0, ...) of head n of batch row b.
   void scan(const Matrix<Scalar>& z, Index b, Index r0, Index n) {
+    // Most blocks hold nothing as large as the largest so far: one vectorised maximum decides.
+    // (A NaN maximum falls through to the loop, which passes NaN over as before.)
+    if (z.size() == 0 || z.maxCoeff() < value) return;
     for (Index i = 0; i < z.rows(); ++i)
       for (Index j = 0; j < z.cols(); ++j) {
         const Scalar v = z(i, j);

@@ -81,6 +81,23 @@ Scalar& rowSlot(const HeadJob<Scalar>& job, Scalar* base, Index h, Index t) {
   return base[((job.b * job.call->T + t) * job.N() + job.n) * h];
 }
 
+/// Rows [r0, r0 + L) of a causal job, both sides: the scaled rows xq and xk, the query
+/// features qf, the key features before the mask (kraw, for their backward) and after it (kf).
+template <typename Scalar>
+struct CausalRows {
+  Matrix<Scalar> xq, qf, xk, kraw, kf;
+
+  template <typename Map>
+  void load(const HeadJob<Scalar>& job, Index r0, Index L) {
+    job.queries(r0, L, xq);
+    recomputeFeatures<Map, Scalar>(job.qside, xq, qf);
+    job.keys(r0, L, xk);
+    recomputeFeatures<Map, Scalar>(job.kside, xk, kraw);
+    kf = kraw;
+    job.applyMask(kf, r0);
+  }
+};
+
 /// The causal backward of one job (all T rows of its batch row and head). Writes (not adds)
 /// the job's entries of dk and dv; adds to dq.
 template <typename Map, typename Scalar>
@@ -92,7 +109,9 @@ void causalBackward(HeadJob<Scalar>& job, const CausalChunking& ch) {
   const Index chunks = ch.chunks(), per_block = std::max<Index>(1, kStreamRows / ch.chunk);
   const Index blocks = (chunks + per_block - 1) / per_block;
   const Scalar eps = Scalar(kNormaliserEps), gamma = Scalar(ch.gamma);
-  Mat xq, qf, xk, kf, kraw, df, dx, a, gn, vals, term;
+  CausalRows<Scalar> rows;
+  const Mat &xq = rows.xq, &qf = rows.qf, &xk = rows.xk, &kraw = rows.kraw, &kf = rows.kf;
+  Mat df, dx, a, gn, vals, term;
   Vec den, gd, z_term;
 
   // Forwards: the window sums S_c, the heads, dq; den_t and g_t.a_t into the row's slots.
@@ -100,11 +119,7 @@ void causalBackward(HeadJob<Scalar>& job, const CausalChunking& ch) {
   for (Index blk = 0; blk < blocks; ++blk) {
     const Index c0 = blk * per_block, c1 = std::min(chunks, c0 + per_block);
     const Index r0 = ch.rowOf(c0), L = ch.rowOf(c1) - r0;
-    job.queries(r0, L, xq);
-    recomputeFeatures<Map, Scalar>(job.qside, xq, qf);
-    job.keys(r0, L, xk);
-    recomputeFeatures<Map, Scalar>(job.kside, xk, kf);
-    job.applyMask(kf, r0);
+    rows.template load<Map>(job, r0, L);
     const auto v = job.values(r0, L);
     const auto g = job.grads(r0, L);
     df.resize(L, F);
@@ -142,12 +157,7 @@ void causalBackward(HeadJob<Scalar>& job, const CausalChunking& ch) {
   for (Index blk = blocks; blk-- > 0;) {
     const Index c0 = blk * per_block, c1 = std::min(chunks, c0 + per_block);
     const Index r0 = ch.rowOf(c0), L = ch.rowOf(c1) - r0;
-    job.queries(r0, L, xq);
-    recomputeFeatures<Map, Scalar>(job.qside, xq, qf);
-    job.keys(r0, L, xk);
-    recomputeFeatures<Map, Scalar>(job.kside, xk, kraw);
-    kf = kraw;
-    job.applyMask(kf, r0);
+    rows.template load<Map>(job, r0, L);
     const auto v = job.values(r0, L);
     const auto g = job.grads(r0, L);
     gn.resize(L, dv);
@@ -196,18 +206,16 @@ void tokenBackward(HeadJob<Scalar>& job, const CausalChunking& ch) {
   const Index F = featureDim(job.d(), call.projection), dv = job.dv(), d = job.d(), T = ch.T;
   const Index L = kStreamRows;
   const Scalar eps = Scalar(kNormaliserEps), gamma = Scalar(ch.gamma);
-  Mat xq, qf, xk, kf, kraw, v, g, df, dx, zs, wk, a, ag, av;
+  CausalRows<Scalar> rows;
+  const Mat &xq = rows.xq, &qf = rows.qf, &xk = rows.xk, &kraw = rows.kraw, &kf = rows.kf;
+  Mat v, g, df, dx, zs, wk, a, ag, av;
   Vector<Scalar> den, z = Vector<Scalar>::Zero(F), zc = Vector<Scalar>::Zero(F);  // z_t, its error
   Mat s_dq = Mat::Zero(dv, F);                        // sum of v^T k': the dq scan's state
   Mat s_a = call.heads ? Mat::Zero(F, dv) : Mat();  // sum of k'^T v: the heads' scan's
 
   for (Index r0 = 0; r0 < T; r0 += L) {
     const Index n = std::min(L, T - r0);
-    job.queries(r0, n, xq);
-    recomputeFeatures<Map, Scalar>(job.qside, xq, qf);
-    job.keys(r0, n, xk);
-    recomputeFeatures<Map, Scalar>(job.kside, xk, kf);
-    job.applyMask(kf, r0);
+    rows.template load<Map>(job, r0, n);
     gatherRows(job.values(r0, n), Scalar(1), v);
     gatherRows(job.grads(r0, n), Scalar(1), g);
     zs.resize(n, F);
@@ -251,12 +259,7 @@ void tokenBackward(HeadJob<Scalar>& job, const CausalChunking& ch) {
   const Index blocks = (T + L - 1) / L;
   for (Index blk = blocks; blk-- > 0;) {
     const Index r0 = blk * L, n = std::min(L, T - r0);
-    job.queries(r0, n, xq);
-    recomputeFeatures<Map, Scalar>(job.qside, xq, qf);
-    job.keys(r0, n, xk);
-    recomputeFeatures<Map, Scalar>(job.kside, xk, kraw);
-    kf = kraw;
-    job.applyMask(kf, r0);
+    rows.template load<Map>(job, r0, n);
     gatherRows(job.values(r0, n), Scalar(1), v);
     gatherRows(job.grads(r0, n), Scalar(1), g);
     ag.resize(n, dv + 1);  // [gn, gd]

@@ -275,8 +275,8 @@ Tensor<Scalar, Rank> zeros(const std::array<Index, Rank>& dims) {
  *         and where attend() would (scale_by_length without a fitting mask; causal: S != T,
  *         or T not a multiple of the chunk without padding); naming training_call for a
  *         number beyond redrawProjection's (with redraw).
- * \note Recomputes the forward. Cost about three forwards, O(B N (T + S) F (d + d_v)) in the
- *       low-rank form; beyond its inputs and outputs it holds O(F d_v) and a block of rows
+ * \note Recomputes the forward's features. Cost three to five forwards (docs/training.md,
+ *       "Cost"), O(B N (T + S) F (d + d_v)) in the low-rank and causal forms; beyond its inputs and outputs it holds O(F d_v) and a block of rows
  *       per head task (the explicit and short forms: a [T, S] matrix, as their forwards).
  *       Causal: per head task a block of rows and the window's chunk terms, O(W F d_v) for a
  *       window of W chunks shorter than the sequence, else O(F d_v); nothing grows with T.

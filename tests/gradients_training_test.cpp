@@ -20,7 +20,9 @@
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <kattn/gradients.hpp>
@@ -393,6 +395,73 @@ TEST(TrainingGradients, CounterNumbersRandomTrainingCallsAndIsReplayable) {
   }
 }
 
+TEST(TrainingGradients, AForwardGivenItsNumberDrawsThatCallAndLeavesTheCounter) {
+  for (const Variant& v : {Variant{0.3, true, false}, Variant{0.3, false, false}}) {
+    SCOPED_TRACE(label(v));
+    const kattn::LayerConfig c = config("relu", v);
+    kattn::KernelAttention<double, kattn::Relu> layer(c);
+    std::mt19937_64 gen(850);
+    const Problem p = makeProblem(gen);
+    layer.setWeights(makeWeights(gen, c));
+    layer.setTrainingCalls(kCall);
+    const Tensor<double, 3> counted = layer.forward(p.query, p.value, p.key, p.mask, true);
+    layer.setTrainingCalls(40);
+    const Tensor<double, 3> given =
+        layer.forward(p.query, p.value, p.key, p.mask, kattn::TrainingCall{kCall});
+    EXPECT_EQ(relError(given.data(), counted.data(), counted.size()), 0.0);
+    EXPECT_EQ(layer.trainingCalls(), 40u) << "a numbered forward moved the counter";
+    // takeTrainingCall hands out the counter's numbers one by one.
+    EXPECT_EQ(layer.takeTrainingCall(), 40u);
+    EXPECT_EQ(layer.takeTrainingCall(), 41u);
+    EXPECT_EQ(layer.trainingCalls(), 42u);
+    // attend, into caller memory, likewise.
+    const Tensor<double, 4> q = randomTensor<4>(gen, 1.0, {kB, kT, kN, kd});
+    const Tensor<double, 4> k = randomTensor<4>(gen, 1.0, {kB, kT, kN, kd});
+    const Tensor<double, 4> val = randomTensor<4>(gen, 1.0, {kB, kT, kN, kdv});
+    layer.setTrainingCalls(kCall);
+    const Tensor<double, 4> heads = layer.attend(q, k, val, std::nullopt, true);
+    Tensor<double, 4> into(heads.dimensions());
+    layer.attend(q, k, val, std::nullopt, kattn::TrainingCall{kCall},
+                 kattn::TensorMap<double, 4>(into));
+    EXPECT_EQ(relError(into.data(), heads.data(), heads.size()), 0.0);
+  }
+}
+
+TEST(TrainingGradients, ThreadsThatTakeTheirNumbersKnowTheirCalls) {
+  // Four threads share one layer, each taking its numbers and running its forwards with them:
+  // each forward is the call of its number (so that number's backward is its backward), which
+  // a thread that read trainingCalls() before an unnumbered forward could not be sure of.
+  const Variant v{0.3, true, false};
+  const kattn::LayerConfig c = config("relu", v);
+  kattn::KernelAttention<double, kattn::Relu> layer(c);
+  std::mt19937_64 gen(860);
+  const Problem p = makeProblem(gen);
+  layer.setWeights(makeWeights(gen, c));
+  constexpr int kThreads = 4, kSteps = 3;
+  std::vector<std::vector<std::pair<std::uint64_t, Tensor<double, 3>>>> ran(kThreads);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kThreads; ++i) {
+    threads.emplace_back([&, i] {
+      for (int step = 0; step < kSteps; ++step) {
+        const std::uint64_t n = layer.takeTrainingCall();
+        ran[std::size_t(i)].emplace_back(
+            n, layer.forward(p.query, p.value, p.key, p.mask, kattn::TrainingCall{n}));
+      }
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  std::vector<std::uint64_t> numbers;
+  for (const auto& list : ran)
+    for (const auto& [n, y] : list) {
+      numbers.push_back(n);
+      layer.setTrainingCalls(n);
+      const Tensor<double, 3> replay = layer.forward(p.query, p.value, p.key, p.mask, true);
+      EXPECT_EQ(relError(y.data(), replay.data(), y.size()), 0.0) << "call " << n;
+    }
+  std::sort(numbers.begin(), numbers.end());
+  for (std::size_t i = 0; i < numbers.size(); ++i) EXPECT_EQ(numbers[i], i) << "numbers taken";
+}
+
 // ---- float against double, errors ------------------------------------------------------------
 
 TEST(TrainingGradients, FloatIsWithin1e4OfDouble) {
@@ -453,6 +522,10 @@ TEST(TrainingGradients, ACallNumberRedrawCannotTakeIsAnError) {
   g.setZero();
   expectInvalid("training_call", [&] {
     kattn::attendBackward(layer, q, k, v, std::nullopt, g, kattn::TrainingCall{last + 1});
+  });
+  // A forward given the number refuses it likewise; the counter's own are redraw's error.
+  expectInvalid("training_call", [&] {
+    (void)layer.forward(p.query, p.value, p.key, p.mask, kattn::TrainingCall{last + 1});
   });
   // Dropout alone takes any number.
   kattn::KernelAttention<double, kattn::Relu> dropout(config("relu", Variant{0.3, false, false}));

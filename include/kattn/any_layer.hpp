@@ -34,7 +34,7 @@ class AnyLayerBase {
                                     const ConstTensorMap<Scalar, 3>& v,
                                     const std::optional<ConstTensorMap<Scalar, 3>>& k,
                                     const std::optional<ConstTensorMap<Scalar, 2>>& mask,
-                                    bool training) const = 0;
+                                    Training training) const = 0;
   virtual StreamingState<Scalar> makeState(Index batch,
                                            std::optional<StreamingMode> mode) const = 0;
   virtual Tensor<Scalar, 3> forward(const ConstTensorMap<Scalar, 3>& q,
@@ -76,7 +76,7 @@ class AnyLayerImpl final : public AnyLayerBase<Scalar> {
   Tensor<Scalar, 3> forward(const ConstTensorMap<Scalar, 3>& q, const ConstTensorMap<Scalar, 3>& v,
                             const std::optional<ConstTensorMap<Scalar, 3>>& k,
                             const std::optional<ConstTensorMap<Scalar, 2>>& mask,
-                            bool training) const override {
+                            Training training) const override {
     return m_layer.forward(q, v, k, mask, training);
   }
   StreamingState<Scalar> makeState(Index batch, std::optional<StreamingMode> mode) const override {
@@ -222,7 +222,7 @@ class AnyKernelAttention {
                             const std::optional<ConstTensorMap<Scalar, 3>>& key = std::nullopt,
                             const std::optional<ConstTensorMap<Scalar, 2>>& attention_mask =
                                 std::nullopt,
-                            bool training = false) const {
+                            Training training = false) const {
     return m_impl->forward(query, value, key, attention_mask, training);
   }
 

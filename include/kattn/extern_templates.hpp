@@ -24,18 +24,19 @@ namespace kattn {
   PREFIX template Tensor<S, 3> KernelAttention<S, M, K>::forward(                              \
       const ConstTensorMap<S, 3>&, const ConstTensorMap<S, 3>&,                                \
       const std::optional<ConstTensorMap<S, 3>>&, const std::optional<ConstTensorMap<S, 2>>&,  \
-      bool) const;                                                                             \
+      Training) const;                                                                         \
   PREFIX template Tensor<S, 4> KernelAttention<S, M, K>::attend(                               \
       const ConstTensorMap<S, 4>&, const ConstTensorMap<S, 4>&, const ConstTensorMap<S, 4>&,   \
-      const std::optional<ConstTensorMap<S, 2>>&, bool) const;                                 \
+      const std::optional<ConstTensorMap<S, 2>>&, Training) const;                             \
   PREFIX template Tensor<S, 3> KernelAttention<S, M, K>::newOutput(                            \
       const ConstTensorMap<S, 3>&, const ConstTensorMap<S, 3>&,                                \
       const std::optional<ConstTensorMap<S, 3>>&) const;                                       \
   PREFIX template void KernelAttention<S, M, K>::forwardInto(                                  \
       const ConstTensorMap<S, 3>&, const ConstTensorMap<S, 3>&,                                \
       const std::optional<ConstTensorMap<S, 3>>&, const std::optional<ConstTensorMap<S, 2>>&,  \
-      bool, StreamingState<S>*, TensorMap<S, 3>) const;                                        \
-  PREFIX template void KernelAttention<S, M, K>::run(detail::Pass<S>, bool, StreamingState<S>*)  \
+      Training, StreamingState<S>*, TensorMap<S, 3>) const;                                    \
+  PREFIX template void KernelAttention<S, M, K>::run(detail::Pass<S>, Training,                \
+                                                     StreamingState<S>*)                       \
       const;
 
 #if defined(KATTN_EXTERN_TEMPLATES) && !defined(KATTN_INSTANTIATING)

@@ -33,6 +33,7 @@
 #include "detail/dense.hpp"
 #include "layer.hpp"
 #include "tensor.hpp"
+#include "training.hpp"
 #include "weights.hpp"
 
 namespace kattn {
@@ -86,17 +87,6 @@ struct Gradients {
   }
 };
 
-/**
- * \brief The number of a training-mode forward call: KernelAttention::trainingCalls() read
- * just before the call (or set by setTrainingCalls). It fixes the call's dropout mask and its
- * redrawn projection, so a backward given it sees the forward's.
- *
- * A struct rather than a bare integer so that a `bool training` passed where the backward
- * expects a call number does not compile.
- */
-struct TrainingCall {
-  std::uint64_t number = 0;  ///< the call's number
-};
 
 /// The gradients of a loss with respect to the heads given to attend().
 template <typename Scalar>
@@ -181,12 +171,7 @@ Dropout trainingDraws(const KernelAttention<Scalar, FeatureMap, Masking>& layer,
                       Matrix<Scalar>& redrawn) {
   if (!training) return Dropout{};
   const LayerConfig& c = layer.config();
-  try {
-    call.projection = callProjection(c, layer.projection(), true, training->number, redrawn);
-  } catch (const std::invalid_argument& e) {
-    // The layer's sizes and seed passed the same checks at construction: only the number fails.
-    throw std::invalid_argument(std::string("training_call: ") + e.what());
-  }
+  call.projection = givenCallProjection(c, layer.projection(), true, training->number, redrawn);
   return Dropout{c.dropout, c.seed, training->number, c.dropout > 0};
 }
 
@@ -276,8 +261,9 @@ Tensor<Scalar, Rank> zeros(const std::array<Index, Rank>& dims) {
  *         or T not a multiple of the chunk without padding); naming training_call for a
  *         number beyond redrawProjection's (with redraw).
  * \note Recomputes the forward's features. Cost three to five forwards (docs/training.md,
- *       "Cost"), O(B N (T + S) F (d + d_v)) in the low-rank and causal forms; beyond its inputs and outputs it holds O(F d_v) and a block of rows
- *       per head task (the explicit and short forms: a [T, S] matrix, as their forwards).
+ *       "Cost"), O(B N (T + S) F (d + d_v)) in the low-rank and causal forms; beyond its
+ *       inputs and outputs it holds O(F d_v) and a block of rows per head task (the explicit
+ *       and short forms: a [T, S] matrix, as their forwards).
  *       Causal: per head task a block of rows and the window's chunk terms, O(W F d_v) for a
  *       window of W chunks shorter than the sequence, else O(F d_v); nothing grows with T.
  *       In training mode with dropout, also the dropped grad_heads, [B, T, N, d_v].

@@ -32,6 +32,7 @@
 #include "state_pool.hpp"
 #include "streaming.hpp"
 #include "tensor.hpp"
+#include "training.hpp"
 #include "weights.hpp"
 
 namespace kattn {
@@ -155,12 +156,12 @@ class KernelAttention {
   void setCoreForm(CoreForm form) { m_form = form; }
   /// The form setCoreForm chose (Auto unless set).
   CoreForm coreForm() const { return m_form; }
-  /// The number the next training call with dropout or redraw takes (its dropout mask and
-  /// redrawn projection derive from it; kattn::backward takes it, docs/training.md). Calls on
-  /// one layer take numbers in the order they start: to know a call's number when calling from
-  /// several threads, serialise the calls, or give each thread a copy of the layer with its own
-  /// range of numbers (a copy's counter starts where the original's stood).
+  /// The number the next training call with dropout or redraw takes from the layer's counter
+  /// (its dropout mask and redrawn projection derive from it; docs/training.md).
   std::uint64_t trainingCalls() const { return m_training_calls.value.load(); }
+  /// Takes the counter's next number, for a forward given it (TrainingCall) and its backward:
+  /// safe when several threads call the layer, where reading trainingCalls() first is not.
+  std::uint64_t takeTrainingCall() const { return m_training_calls.value.fetch_add(1); }
   /// Sets trainingCalls(): to replay call k, or to resume from a checkpoint. Not during calls.
   void setTrainingCalls(std::uint64_t next) { m_training_calls.value.store(next); }
 
@@ -202,7 +203,7 @@ class KernelAttention {
    * \param value [B, S, D_v]
    * \param key [B, S, D_k]; absent (std::nullopt): the value input is also the key input
    * \param attention_mask [B, S], 1 attend, 0 padding (other values scale the key features)
-   * \param training dropout and redraw act only when true
+   * \param training false, or training mode (dropout, redraw): true or a TrainingCall{k}
    * \return [B, T, O]
    * \throws std::invalid_argument naming the tensor on any shape error
    *
@@ -217,7 +218,7 @@ class KernelAttention {
             typename Mask = std::nullopt_t>
   Tensor<Scalar, 3> forward(const Query& query, const Value& value, const Key& key = std::nullopt,
                             const Mask& attention_mask = std::nullopt,
-                            bool training = false) const {
+                            Training training = false) const {
     Tensor<Scalar, 3> out;
     withInputs(query, value, key, attention_mask, [&](const auto& q, const auto& v,
                                                       const auto& k, const auto& m) {
@@ -230,7 +231,7 @@ class KernelAttention {
   /// As `forward`, writing into caller memory `output` [B, T, O].
   template <typename Query, typename Value, typename Key, typename Mask>
   void forward(const Query& query, const Value& value, const Key& key,
-               const Mask& attention_mask, bool training, TensorMap<Scalar, 3> output) const {
+               const Mask& attention_mask, Training training, TensorMap<Scalar, 3> output) const {
     withInputs(query, value, key, attention_mask, [&](const auto& q, const auto& v,
                                                       const auto& k, const auto& m) {
       forwardInto(q, v, k, m, training, nullptr, output);
@@ -353,13 +354,13 @@ class KernelAttention {
    * \param k [B, S, N, d]
    * \param v [B, S, N, d_v]
    * \param attention_mask [B, S] or std::nullopt
-   * \param training dropout and redraw act only when true
+   * \param training as for forward(): false, true or a TrainingCall
    * \return heads [B, T, N, d_v] (with begin_kernel: the softmax part's rows first)
    */
   template <typename Q, typename K, typename V, typename Mask = std::nullopt_t>
   Tensor<Scalar, 4> attend(const Q& q, const K& k, const V& v,
                            const Mask& attention_mask = std::nullopt,
-                           bool training = false) const {
+                           Training training = false) const {
     Tensor<Scalar, 4> heads;
     withHeads(q, k, v, attention_mask, [&](const auto& qh, const auto& kh, const auto& vh,
                                            const auto& m) {
@@ -375,7 +376,7 @@ class KernelAttention {
   /// and offset lists would otherwise also fit `training` and `heads`.)
   template <typename Q, typename K, typename V, typename Mask,
             typename = std::enable_if_t<!std::is_same_v<Mask, StatePool<Scalar>>>>
-  void attend(const Q& q, const K& k, const V& v, const Mask& attention_mask, bool training,
+  void attend(const Q& q, const K& k, const V& v, const Mask& attention_mask, Training training,
               TensorMap<Scalar, 4> heads) const {
     withHeads(q, k, v, attention_mask, [&](const auto& qh, const auto& kh, const auto& vh,
                                            const auto& m) {
@@ -490,7 +491,7 @@ class KernelAttention {
   /// forward(): the lazy build, the input checks, then run().
   void forwardInto(const ConstTensorMap<Scalar, 3>& query, const ConstTensorMap<Scalar, 3>& value,
                    const std::optional<ConstTensorMap<Scalar, 3>>& key,
-                   const std::optional<ConstTensorMap<Scalar, 2>>& mask, bool training,
+                   const std::optional<ConstTensorMap<Scalar, 2>>& mask, Training training,
                    StreamingState<Scalar>* state, TensorMap<Scalar, 3> output) const;
 
   /// The call of attend() after its boundary checks (detail/call_checks.hpp).
@@ -514,7 +515,7 @@ class KernelAttention {
   /// Everything after the input checks, for forward and attend: scales, the call's projection
   /// and dropout, then the masking policy's core. Defined after the class, not inline, so that
   /// KATTN_EXTERN_TEMPLATES can keep it out of a translation unit.
-  void run(detail::Pass<Scalar> pass, bool training, StreamingState<Scalar>* state) const;
+  void run(detail::Pass<Scalar> pass, Training training, StreamingState<Scalar>* state) const;
 
   LayerConfig m_config;
   Masking m_masking;

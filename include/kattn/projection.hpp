@@ -222,6 +222,20 @@ const Matrix<Scalar>* callProjection(const LayerConfig& config, const Matrix<Sca
   return &redrawn;
 }
 
+/// callProjection for a call whose number the caller gave (a TrainingCall): redraw's refusal
+/// of the number names it as `training_call`. The layer's sizes and seed passed the same
+/// checks at construction, so only the number can fail.
+template <typename Scalar>
+const Matrix<Scalar>* givenCallProjection(const LayerConfig& config, const Matrix<Scalar>& P,
+                                          bool training, std::uint64_t call,
+                                          Matrix<Scalar>& redrawn) {
+  try {
+    return callProjection(config, P, training, call, redrawn);
+  } catch (const std::invalid_argument& e) {
+    throw std::invalid_argument(std::string("training_call: ") + e.what());
+  }
+}
+
 }  // namespace detail
 
 }  // namespace kattn

@@ -141,7 +141,7 @@ template <typename Scalar, typename FeatureMap, typename Masking>
 void KernelAttention<Scalar, FeatureMap, Masking>::forwardInto(
     const ConstTensorMap<Scalar, 3>& query, const ConstTensorMap<Scalar, 3>& value,
     const std::optional<ConstTensorMap<Scalar, 3>>& key,
-    const std::optional<ConstTensorMap<Scalar, 2>>& mask, bool training,
+    const std::optional<ConstTensorMap<Scalar, 2>>& mask, Training training,
     StreamingState<Scalar>* state, TensorMap<Scalar, 3> output) const {
   buildOnFirstCall(query.dimension(2), value.dimension(2),
                    key ? key->dimension(2) : value.dimension(2));
@@ -157,7 +157,7 @@ void KernelAttention<Scalar, FeatureMap, Masking>::forwardInto(
 }
 
 template <typename Scalar, typename FeatureMap, typename Masking>
-void KernelAttention<Scalar, FeatureMap, Masking>::run(detail::Pass<Scalar> pass, bool training,
+void KernelAttention<Scalar, FeatureMap, Masking>::run(detail::Pass<Scalar> pass, Training training,
                                                        StreamingState<Scalar>* state) const {
   if constexpr (Masking::causal) {
     if (state) {
@@ -169,12 +169,14 @@ void KernelAttention<Scalar, FeatureMap, Masking>::run(detail::Pass<Scalar> pass
     }
   }
   pass.scales = detail::batchScales<Scalar>(m_scale, m_config.scale_by_length, pass.in);
-  const bool random_call = training && (m_config.dropout > 0 || m_config.redraw);
-  const std::uint64_t call = random_call ? m_training_calls.value.fetch_add(1) : 0;
+  const bool on = training.on(), random_call = on && (m_config.dropout > 0 || m_config.redraw);
+  std::uint64_t call = 0;
+  if (random_call) call = training.call() ? *training.call() : m_training_calls.value.fetch_add(1);
   Mat redrawn;
-  pass.projection = detail::callProjection(m_config, m_projection, training, call, redrawn);
-  pass.dropout = detail::Dropout{m_config.dropout, m_config.seed, call,
-                                 training && m_config.dropout > 0};
+  pass.projection = training.call()
+                        ? detail::givenCallProjection(m_config, m_projection, on, call, redrawn)
+                        : detail::callProjection(m_config, m_projection, on, call, redrawn);
+  pass.dropout = detail::Dropout{m_config.dropout, m_config.seed, call, on && m_config.dropout > 0};
   if (pass.in.B == 0 || pass.in.T == 0) return;
   if constexpr (Masking::causal) {
     if (state) {

@@ -358,9 +358,10 @@ HeadGradients<Scalar> attendBackward(
  * \param attention_mask [B, S] or std::nullopt
  * \param grad_output [B, T, O], d loss / d output; finite
  * \param training_call std::nullopt for a forward in inference mode (training = false); for
- *        one in training mode, its number (TrainingCall: trainingCalls() read just before
- *        it): the backward then uses that call's redrawn projection and dropout mask, and
- *        advances no counter. Any number fits a layer without dropout and redraw.
+ *        one in training mode, its number (the TrainingCall it was given, or trainingCalls()
+ *        read just before it): the backward then uses that call's redrawn projection and
+ *        dropout mask, and advances no counter. Any number fits a layer without dropout and
+ *        redraw.
  * \throws std::invalid_argument naming the tensor where forward would, for a grad_output of
  *         another shape, or a non-finite one, and naming training_call for a number beyond
  *         redrawProjection's (with redraw); std::logic_error for a layer without weights.

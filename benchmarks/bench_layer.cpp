@@ -22,18 +22,8 @@ constexpr Index kModelDim = 512;
 /// forward(x, x) of a layer of `Map` features with `Masking`; m = 0: no projection.
 template <typename Map, typename Masking>
 void BM_Layer(benchmark::State& state, int threads, Index T, int m) {
-  kattn::LayerConfig config;
-  config.num_heads = int(kHeads);
-  config.key_dim = int(kKeyDim);
-  config.value_dim = int(kValueDim);
-  config.feature_transform = Map::name;
-  config.num_random_features = m;
-  if constexpr (Masking::causal) {
-    config.use_causal_windowed = true;
-    config.causal_chunk_length = 1;
-    config.causal_window_length = int(T);
-  }
-  kattn::KernelAttention<float, Map, Masking> layer(config);
+  kattn::KernelAttention<float, Map, Masking> layer(Masking::causal ? causalConfig<Map>(m, int(T))
+                                                                   : coreConfig<Map>(m));
   layer.setWeights(layerWeights(kModelDim));
   layer.setThreads(threads);
   const auto x = layerInput(0, T, kModelDim);

@@ -220,17 +220,9 @@ void tokenBackward(HeadJob<Scalar>& job, const CausalChunking& ch) {
     gatherRows(job.grads(r0, n), Scalar(1), g);
     zs.resize(n, F);
     den.resize(n);
-    Scalar* __restrict zp = z.data();
-    Scalar* __restrict cp = zc.data();
-    for (Index t = 0; t < n; ++t) {  // z_t = gamma z_{t-1} + k'_t, compensated (Kahan)
-      const Scalar* __restrict kp = kf.row(t).data();
-      Scalar* __restrict out = zs.row(t).data();
-      for (Index f = 0; f < F; ++f) {
-        const Scalar kept = gamma * zp[f], y = kp[f] - gamma * cp[f], sum = kept + y;
-        cp[f] = (sum - kept) - y;
-        zp[f] = sum;
-        out[f] = sum - cp[f];
-      }
+    for (Index t = 0; t < n; ++t) {  // z_t = gamma z_{t-1} + k'_t, compensated
+      compensatedAdd(gamma, z.data(), zc.data(), kf.row(t).data(), F);
+      zs.row(t) = (z - zc).transpose();
       den(t) = qf.row(t).dot(zs.row(t)) + eps;
     }
     ag.noalias() = g;

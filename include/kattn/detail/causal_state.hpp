@@ -64,6 +64,19 @@ struct WindowLoad {
   }
 };
 
+/// z <- g z + add over n numbers, compensated by zc (Kahan): y = add - g zc, t = g z + y,
+/// zc = (t - g z) - y, each step one rounding: the compensation is lost under -ffast-math
+/// (reassociation), which kattn is not built with. z - zc is the sum.
+template <typename Scalar>
+void compensatedAdd(Scalar g, Scalar* __restrict z, Scalar* __restrict zc,
+                    const Scalar* __restrict add, Index n) {
+  for (Index f = 0; f < n; ++f) {  // contiguous and independent: vectorised
+    const Scalar kept = g * z[f], y = add[f] - g * zc[f], t = kept + y;
+    zc[f] = (t - kept) - y;
+    z[f] = t;
+  }
+}
+
 /// Running state of one (batch row, head).
 template <typename Scalar>
 struct CausalHeadState {
@@ -109,21 +122,12 @@ struct CausalHeadState {
     front_pos = 0;
   }
 
-  /// z <- g z + add, compensated (zc): y = add - g zc, t = g z + y, zc = (t - g z) - y,
-  /// each step one rounding: the compensation is lost under -ffast-math (reassociation),
-  /// which kattn is not built with.
+  /// z <- g z + add, compensated (zc): compensatedAdd.
   template <typename Derived>
   void addToZ(Scalar g, const Eigen::MatrixBase<Derived>& add) {
     KATTN_ASSERT(add.size() == z.size());
     z_add.noalias() = add;  // a row, or column sums of a few rows: evaluated once
-    Scalar* __restrict zp = z.data();
-    Scalar* __restrict cp = zc.data();
-    const Scalar* __restrict ap = z_add.data();
-    for (Index f = 0; f < z.size(); ++f) {  // contiguous and independent: vectorised
-      const Scalar kept = g * zp[f], y = ap[f] - g * cp[f], t = kept + y;
-      cp[f] = (t - kept) - y;
-      zp[f] = t;
-    }
+    compensatedAdd(g, z.data(), zc.data(), z_add.data(), z.size());
   }
 
   /// The normaliser's sum, z corrected by its compensation.

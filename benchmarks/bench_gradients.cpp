@@ -2,7 +2,8 @@
 /// Gradients (issue 26, G1, G3, G6): a training step's attention work, forward plus backward,
 /// beside the forward alone in the same run, so that their ratio is measured under the same
 /// load. `<G>/kattn/T` times the forward into caller memory followed by the backward;
-/// `<G>/forward/T` times the forward alone.
+/// `<G>/forward/T` times the forward alone. `G1/saved/T` times the forward keeping its
+/// features (kattn::SavedFeatures) and the backward reading them: storing against recomputing.
 ///
 /// G1: W1's core (bench_bidirectional.cpp): attend on projected heads q, k, v [1, T, 8, 64],
 /// exp with a projection, m = 256; backward = kattn::attendBackward.
@@ -32,8 +33,14 @@ namespace {
 constexpr Index kLengths[] = {1024, 4096, 16384};
 constexpr Index kModelDim = 512;
 
-/// What a benchmark times: the forward alone, or the forward and then the backward.
-enum class Pass { Forward, ForwardBackward };
+/// What a benchmark times: the forward alone, or the forward and then the backward, the
+/// backward recomputing the features or reading those the forward saved.
+enum class Pass { Forward, ForwardBackward, SavedForwardBackward };
+
+/// The implementation name of a pass in benchmark names.
+const char* passName(Pass pass) {
+  return pass == Pass::Forward ? "forward" : pass == Pass::ForwardBackward ? "kattn" : "saved";
+}
 
 /// timeIntoBuffer for a step whose checked result moves from call to call (a returned
 /// gradient tensor): `result()` gives the tensor after the last call.
@@ -66,14 +73,16 @@ void BM_CoreGradients(benchmark::State& state, int threads, Index T, int m, Pass
   const double F = double(layer.numFeatures());
   const bool projected = m > 0;
   double work = flops::bidirectionalCore(kBatch, kHeads, T, T, kKeyDim, F, kValueDim, projected);
-  if (pass == Pass::ForwardBackward) {
+  if (pass != Pass::Forward) {
     work += flops::bidirectionalCoreBackward(kBatch, kHeads, T, T, kKeyDim, F, kValueDim,
                                              projected);
   }
   kattn::Tensor<float, 4> out(kBatch, T, kHeads, kValueDim);
   out.setZero();
+  kattn::SavedFeatures<float> features;
+  kattn::SavedFeatures<float>* saved = pass == Pass::SavedForwardBackward ? &features : nullptr;
   auto forward = [&] {
-    layer.attend(q, k, v, std::nullopt, false, kattn::TensorMap<float, 4>(out));
+    layer.attend(q, k, v, std::nullopt, false, kattn::TensorMap<float, 4>(out), saved);
   };
   if (pass == Pass::Forward) {
     timeIntoBuffer(state, forward, out.data(), std::size_t(out.size()), double(kBatch * T), work);
@@ -86,8 +95,12 @@ void BM_CoreGradients(benchmark::State& state, int threads, Index T, int m, Pass
   auto step = [&] {
     forward();
     kattn::attendBackward(layer, q, k, v, std::nullopt, grad, kattn::TensorMap<float, 4>(dq),
-                          kattn::TensorMap<float, 4>(dk), kattn::TensorMap<float, 4>(dv));
+                          kattn::TensorMap<float, 4>(dk), kattn::TensorMap<float, 4>(dv),
+                          std::nullopt, saved);
   };
+  // A training loop keeps its SavedFeatures from step to step: their buffers are touched
+  // first here, as the gradients' are above, not in the timed calls.
+  if (saved) forward();
   // The gradient of v is one that every form and map computes in full: its check stands for
   // the backward's.
   timeIntoBuffer(state, step, dv.data(), std::size_t(dv.size()), double(kBatch * T), work);
@@ -130,9 +143,8 @@ void BM_LayerGradients(benchmark::State& state, int threads, Index T, Pass pass)
 /// load drifts over minutes).
 void registerGradients() {
   for (Index T : kLengths) {
-    for (const Pass pass : {Pass::Forward, Pass::ForwardBackward}) {
-      const char* impl = pass == Pass::Forward ? "forward" : "kattn";
-      registerBenchmark(benchName("G1", impl, T), Timing{},
+    for (const Pass pass : {Pass::Forward, Pass::ForwardBackward, Pass::SavedForwardBackward}) {
+      registerBenchmark(benchName("G1", passName(pass), T), Timing{},
                         [T, pass](benchmark::State& state, int threads) {
                           BM_CoreGradients<kattn::Exp, kattn::Bidirectional>(state, threads, T, 256, pass);
                         });
@@ -140,8 +152,7 @@ void registerGradients() {
   }
   for (Index T : kLengths) {
     for (const Pass pass : {Pass::Forward, Pass::ForwardBackward}) {
-      const char* impl = pass == Pass::Forward ? "forward" : "kattn";
-      registerBenchmark(benchName("G3", impl, T), Timing{},
+      registerBenchmark(benchName("G3", passName(pass), T), Timing{},
                         [T, pass](benchmark::State& state, int threads) {
                           BM_CoreGradients<kattn::Relu, kattn::CausalWindowed>(state, threads, T, 0, pass);
                         });
@@ -149,8 +160,7 @@ void registerGradients() {
   }
   for (Index T : kLengths) {
     for (const Pass pass : {Pass::Forward, Pass::ForwardBackward}) {
-      const char* impl = pass == Pass::Forward ? "forward" : "kattn";
-      registerBenchmark(benchName("G6", impl, T), Timing{},
+      registerBenchmark(benchName("G6", passName(pass), T), Timing{},
                         [T, pass](benchmark::State& state, int threads) {
                           BM_LayerGradients(state, threads, T, pass);
                         });

@@ -16,6 +16,7 @@
 /// and redrawn projection: the gradient passes through the mask the heads went through.
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -32,6 +33,7 @@
 #include "detail/causal_backward.hpp"
 #include "detail/dense.hpp"
 #include "layer.hpp"
+#include "saved_features.hpp"
 #include "tensor.hpp"
 #include "training.hpp"
 #include "weights.hpp"
@@ -175,6 +177,42 @@ Dropout trainingDraws(const KernelAttention<Scalar, FeatureMap, Masking>& layer,
   return Dropout{c.dropout, c.seed, training->number, c.dropout > 0};
 }
 
+/// "training call 5" or "an inference call" (the forward's draws of a SavedFeatures).
+inline std::string drawsString(const std::optional<std::uint64_t>& call) {
+  return call ? "training call " + std::to_string(*call) : std::string("a call without draws");
+}
+
+/**
+ * The saved features for a backward of B rows of T queries and S keys given `training`, or
+ * null when they hold none.
+ * \throws std::invalid_argument naming saved when they are of other shapes, and
+ *         training_call when they are of a call with other draws (dropout mask, projection).
+ */
+template <typename Scalar, typename FeatureMap, typename Masking>
+const SavedData<Scalar>* checkedSaved(const KernelAttention<Scalar, FeatureMap, Masking>& layer,
+                                      const SavedFeatures<Scalar>& saved, Index B, Index T,
+                                      Index S, const std::optional<TrainingCall>& training) {
+  const SavedData<Scalar>& s = savedData(saved);
+  if (!s.holds) return nullptr;
+  const std::array<Index, 5> got{s.B, s.T, s.S, s.heads, s.features};
+  const std::array<Index, 5> want{B, T, S, layer.numHeads(), layer.numFeatures()};
+  if (got != want || s.value_dim != layer.valueDim()) {
+    throw std::invalid_argument("saved: features of a call with [B, T, S, N, F] = " +
+                                shapeString(got) + ", this backward's are " +
+                                shapeString(want));
+  }
+  const LayerConfig& c = layer.config();
+  const bool draws = training && (c.dropout > 0 || c.redraw);
+  const std::optional<std::uint64_t> call =
+      draws ? std::optional<std::uint64_t>(training->number) : std::nullopt;
+  if (call != s.call) {
+    throw std::invalid_argument("training_call: the saved features are of " +
+                                drawsString(s.call) + ", this backward is of " +
+                                drawsString(call));
+  }
+  return &s;
+}
+
 /**
  * Multiplies rows x [B T, N d_v] (heads, or their gradients) by the forward call's dropout
  * mask, whose entries are 0 or 1 / (1 - rate): inverted dropout is linear, so the heads'
@@ -255,13 +293,17 @@ Tensor<Scalar, Rank> zeros(const std::array<Index, Rank>& dims) {
  *        mode, its number (TrainingCall): the backward then uses that call's redrawn
  *        projection and dropout mask. Any number fits a layer without dropout and redraw
  *        (its training calls draw nothing, so they are its inference calls).
+ * \param saved null, or what the attend() of these inputs kept (SavedFeatures): its features
+ *        are read instead of recomputed when it holds any
  * \throws std::invalid_argument naming the tensor on a shape error, a non-finite grad_heads or
  *         a gradient whose memory overlaps an input's or another gradient's,
  *         and where attend() would (scale_by_length without a fitting mask; causal: S != T,
  *         or T not a multiple of the chunk without padding); naming training_call for a
- *         number beyond redrawProjection's (with redraw).
- * \note Recomputes the forward's features. Cost three to five forwards (docs/training.md,
- *       "Cost"), O(B N (T + S) F (d + d_v)) in the low-rank and causal forms; beyond its
+ *         number beyond redrawProjection's (with redraw), or another than `saved`'s call;
+ *         naming saved for features of other shapes.
+ * \note Recomputes the forward's features unless `saved` holds them. Cost three to five
+ *       forwards (docs/training.md, "Cost"), O(B N (T + S) F (d + d_v)) in the low-rank and
+ *       causal forms; beyond its
  *       inputs and outputs it holds O(F d_v) and a block of rows per head task (the explicit
  *       and short forms: a [T, S] matrix, as their forwards).
  *       Causal: per head task a block of rows and the window's chunk terms, O(W F d_v) for a
@@ -278,7 +320,8 @@ void attendBackward(const KernelAttention<Scalar, FeatureMap, Masking>& layer,
                     TensorMap<detail::NoDeduce<Scalar>, 4> grad_q,
                     TensorMap<detail::NoDeduce<Scalar>, 4> grad_k,
                     TensorMap<detail::NoDeduce<Scalar>, 4> grad_v,
-                    const std::optional<TrainingCall>& training_call = std::nullopt) {
+                    const std::optional<TrainingCall>& training_call = std::nullopt,
+                    const SavedFeatures<detail::NoDeduce<Scalar>>* saved = nullptr) {
   const Index N = layer.numHeads(), d = layer.keyDim(), dv = layer.valueDim();
   const Index B = q.dimension(0), T = q.dimension(1), S = k.dimension(1);
   checkShape<4>("q", q.dimensions(), {-1, -1, N, d});
@@ -301,6 +344,7 @@ void attendBackward(const KernelAttention<Scalar, FeatureMap, Masking>& layer,
       detail::gradCall(layer, B, T, S, attention_mask ? attention_mask->data() : nullptr);
   Matrix<Scalar> redrawn, dropped_grad;
   const detail::Dropout dropout = detail::trainingDraws(layer, training_call, call, redrawn);
+  if (saved) call.saved = detail::checkedSaved(layer, *saved, B, T, S, training_call);
   call.grad = grad_heads.data();
   if (dropout.active) {
     dropped_grad = Eigen::Map<const Matrix<Scalar>>(grad_heads.data(), B * T, N * dv);
@@ -332,7 +376,8 @@ HeadGradients<Scalar> attendBackward(
     const ConstTensorMap<detail::NoDeduce<Scalar>, 4>& v,
     const std::optional<ConstTensorMap<detail::NoDeduce<Scalar>, 2>>& attention_mask,
     const ConstTensorMap<detail::NoDeduce<Scalar>, 4>& grad_heads,
-    const std::optional<TrainingCall>& training_call = std::nullopt) {
+    const std::optional<TrainingCall>& training_call = std::nullopt,
+    const SavedFeatures<detail::NoDeduce<Scalar>>* saved = nullptr) {
   const Index N = layer.numHeads(), d = layer.keyDim(), dv = layer.valueDim();
   // Shapes first, so that a wrong tensor is named before anything is allocated for it.
   checkShape<4>("q", q.dimensions(), {-1, -1, N, d});
@@ -343,7 +388,7 @@ HeadGradients<Scalar> attendBackward(
   out.k = Tensor<Scalar, 4>(B, S, N, d);
   out.v = Tensor<Scalar, 4>(B, S, N, dv);
   attendBackward(layer, q, k, v, attention_mask, grad_heads, TensorMap<Scalar, 4>(out.q),
-                 TensorMap<Scalar, 4>(out.k), TensorMap<Scalar, 4>(out.v), training_call);
+                 TensorMap<Scalar, 4>(out.k), TensorMap<Scalar, 4>(out.v), training_call, saved);
   return out;
 }
 

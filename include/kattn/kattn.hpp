@@ -15,5 +15,6 @@
 #include "key_summary.hpp"
 #include "core.hpp"
 #include "gradients.hpp"
+#include "saved_features.hpp"
 #include "any_layer.hpp"
 #include "build_info.hpp"

@@ -29,6 +29,7 @@
 #include "masking.hpp"
 #include "parallel.hpp"
 #include "projection.hpp"
+#include "saved_features.hpp"
 #include "state_pool.hpp"
 #include "streaming.hpp"
 #include "tensor.hpp"
@@ -371,16 +372,19 @@ class KernelAttention {
   }
 
   /// As attend(), writing into caller memory `heads` [B, T, N, d_v] (no allocation of the
-  /// result: a server reusing its buffers avoids the first-touch cost of fresh pages).
+  /// result: a server reusing its buffers avoids the first-touch cost of fresh pages). With
+  /// `saved`, also keeps the call's features there for attendBackward (SavedFeatures).
   /// (Not for a StatePool in the mask's place: that is the ragged attend, whose braced slot
   /// and offset lists would otherwise also fit `training` and `heads`.)
   template <typename Q, typename K, typename V, typename Mask,
             typename = std::enable_if_t<!std::is_same_v<Mask, StatePool<Scalar>>>>
   void attend(const Q& q, const K& k, const V& v, const Mask& attention_mask, Training training,
-              TensorMap<Scalar, 4> heads) const {
+              TensorMap<Scalar, 4> heads, SavedFeatures<Scalar>* saved = nullptr) const {
     withHeads(q, k, v, attention_mask, [&](const auto& qh, const auto& kh, const auto& vh,
                                            const auto& m) {
-      run(headsPass(qh, kh, vh, m, heads), training, nullptr);
+      detail::Pass<Scalar> pass = headsPass(qh, kh, vh, m, heads);
+      pass.saved = saved ? &detail::savedData(*saved) : nullptr;
+      run(pass, training, nullptr);
     });
   }
 

@@ -48,6 +48,7 @@ struct CoreGradCall {
   Scalar* dk = nullptr;     ///< [B, S, N, d]
   Scalar* dv = nullptr;     ///< [B, S, N, d_v]
   Scalar* heads = nullptr;  ///< [B, T, N, d_v] (the forward's heads), or null
+  const SavedData<Scalar>* saved = nullptr;  ///< the forward's features (SavedFeatures), or null
 };
 
 template <typename Scalar>
@@ -104,6 +105,35 @@ struct HeadJob {
   Scalar rq = 1, rk = 1;  ///< the factors on q and k before the map
   FeatureSide<Scalar> qside, kside;
   Scalar dshift_q = 0, dshift_k = 0;  ///< what the features send to their stabilisers
+  const SavedData<Scalar>* saved = nullptr;  ///< features to read instead of recomputing
+
+  /// Features f of query rows [t0, t0 + x.rows()) (t0 absolute) whose scaled rows are x:
+  /// read from what the forward saved, brought from its block's shift to the side's, or
+  /// recomputed.
+  template <typename Map>
+  void queryFeatures(Index t0, const Mat& x, Mat& f) const {
+    if (!saved) return recomputeFeatures<Map, Scalar>(qside, x, f);
+    const Index r = t0 - saved->q0, i = (b * N() + n) * saved->queryBlocks() + r / kStreamRows;
+    readSaved(saved->queryFeatures(b, n, r), x.rows(),
+              saved->shifted ? saved->qshift(i) - qside.shift : Scalar(0), f);
+  }
+  /// Features f of key rows [s0, s0 + x.rows()), as queryFeatures.
+  template <typename Map>
+  void keyFeatures(Index s0, const Mat& x, Mat& f) const {
+    if (!saved) return recomputeFeatures<Map, Scalar>(kside, x, f);
+    const Index i = (b * N() + n) * saved->keyBlocks() + s0 / kStreamRows;
+    readSaved(saved->keyFeatures(b, n, s0), x.rows(),
+              saved->shifted ? saved->kshift(i) - kside.shift : Scalar(0), f);
+  }
+  /// f = e^log_factor times L saved rows of features.
+  void readSaved(const Scalar* rows, Index L, Scalar log_factor, Mat& f) const {
+    const Eigen::Map<const Mat> src(rows, L, saved->features);
+    if (log_factor == Scalar(0)) {
+      f = src;
+    } else {
+      f = src * std::exp(log_factor);
+    }
+  }
 
   const Scalar* maskRow() const { return call->mask ? call->mask + b * call->S : nullptr; }
   Index d() const { return call->dims.key_dim; }
@@ -150,20 +180,27 @@ void lowRankBackward(HeadJob<Scalar>& job) {
   const Scalar eps = Scalar(kNormaliserEps);
   Mat kv = Mat::Zero(F, dv), dkv = Mat::Zero(F, dv);
   Vector<Scalar> z = Vector<Scalar>::Zero(F), dz = Vector<Scalar>::Zero(F);
-  Mat x, f, df, dx, a, gn;
+  Mat x, f, df, dx, a, gn, masked;
   Vector<Scalar> den, gd;
-  for (Index s0 = 0; s0 < S; s0 += L) {
-    const Index len = std::min(L, S - s0);
-    job.keys(s0, len, x);
-    recomputeFeatures<Map, Scalar>(job.kside, x, f);
-    job.applyMask(f, s0);
-    kv.noalias() += f.transpose() * job.values(s0, len);
-    z.noalias() += f.colwise().sum().transpose();
+  if (const SavedData<Scalar>* saved = job.saved) {
+    const Index i = job.b * job.N() + job.n;
+    const Scalar c = saved->shifted ? std::exp(saved->kv_shift(i) - job.kside.shift) : Scalar(1);
+    kv = Eigen::Map<const Mat>(saved->kv.data() + i * F * dv, F, dv) * c;
+    z = saved->z.segment(i * F, F) * c;
+  } else {
+    for (Index s0 = 0; s0 < S; s0 += L) {
+      const Index len = std::min(L, S - s0);
+      job.keys(s0, len, x);
+      recomputeFeatures<Map, Scalar>(job.kside, x, f);
+      job.applyMask(f, s0);
+      kv.noalias() += f.transpose() * job.values(s0, len);
+      z.noalias() += f.colwise().sum().transpose();
+    }
   }
   for (Index t0 = job.q0; t0 < job.q1; t0 += L) {
     const Index len = std::min(L, job.q1 - t0);
     job.queries(t0, len, x);
-    recomputeFeatures<Map, Scalar>(job.qside, x, f);
+    job.template queryFeatures<Map>(t0, x, f);
     den.noalias() = f * z;
     den.array() += eps;
     gatherRows(job.grads(t0, len), Scalar(1), gn);
@@ -188,10 +225,14 @@ void lowRankBackward(HeadJob<Scalar>& job) {
   for (Index s0 = 0; s0 < S; s0 += L) {
     const Index len = std::min(L, S - s0);
     job.keys(s0, len, x);
-    recomputeFeatures<Map, Scalar>(job.kside, x, f);
-    Mat masked = f;
-    job.applyMask(masked, s0);
-    headBlock(job.call->dv, S, job.N(), dv, job.b, job.n, s0, len).noalias() += masked * dkv;
+    job.template keyFeatures<Map>(s0, x, f);
+    const Mat* fm = &f;
+    if (job.maskRow()) {
+      masked = f;
+      job.applyMask(masked, s0);
+      fm = &masked;
+    }
+    headBlock(job.call->dv, S, job.N(), dv, job.b, job.n, s0, len).noalias() += *fm * dkv;
     df.noalias() = job.values(s0, len) * dkv.transpose();
     df.rowwise() += dz.transpose();
     job.applyMask(df, s0);
@@ -323,6 +364,44 @@ void scanSides(HeadJob<Scalar>& j, std::vector<ArgMax<Scalar>>& qmax,
   }
 }
 
+/// The exp maps' stabilisers from what the forward saved: a side's largest logit is the
+/// largest of its blocks' maxima, and only the blocks that reach it are scanned again for
+/// where it is taken.
+template <typename Map, typename Scalar>
+void savedSides(std::vector<HeadJob<Scalar>>& jobs, const SavedData<Scalar>& saved,
+                std::vector<ArgMax<Scalar>>& qmax, std::vector<ArgMax<Scalar>>& kmax) {
+  const Index N = saved.heads, L = saved.block_rows, qb = saved.queryBlocks();
+  const Index kb = saved.keyBlocks();
+  std::vector<Scalar> Mq(std::size_t(saved.B), -std::numeric_limits<Scalar>::infinity());
+  std::vector<Scalar> Mk(Mq);
+  for (Index b = 0; b < saved.B; ++b) {
+    Mq[std::size_t(b)] = saved.qshift.segment(b * N * qb, N * qb).maxCoeff();
+    Mk[std::size_t(b)] = saved.kmax.segment(b * N * kb, N * kb).maxCoeff();
+  }
+  const Matrix<Scalar>* P = jobs.front().call->projection;
+  Matrix<Scalar> x, z;
+  for (HeadJob<Scalar>& j : jobs) {
+    const std::size_t b = std::size_t(j.b);
+    const Index h = j.b * N + j.n;
+    for (Index i = 0; i < qb; ++i) {
+      if (saved.qshift(h * qb + i) != Mq[b]) continue;
+      const Index t0 = j.q0 + i * L;
+      j.queries(t0, std::min(L, j.q1 - t0), x);
+      stabiliserLogits<Map, Scalar>(x, P, z);
+      qmax[b].scan(z, j.b, t0, j.n);
+    }
+    for (Index i = 0; i < kb; ++i) {
+      if (saved.kmax(h * kb + i) != Mk[b]) continue;
+      const Index s0 = i * L;
+      j.keys(s0, std::min(L, saved.S - s0), x);
+      stabiliserLogits<Map, Scalar>(x, P, z);
+      kmax[b].scan(z, j.b, s0, j.n);
+    }
+    j.qside.shift = Mq[b];
+    j.kside.shift = Mk[b];
+  }
+}
+
 /**
  * Runs `kernel` on one HeadJob per (batch row, head) of query rows [q0, q1) through `Map`
  * (factors of the short-sequence softmax when `short_path`), on the pool when `flops` is
@@ -332,7 +411,7 @@ void scanSides(HeadJob<Scalar>& j, std::vector<ArgMax<Scalar>>& qmax,
  */
 template <typename Map, typename Scalar, typename Kernel>
 void runHeadJobs(const CoreGradCall<Scalar>& call, bool short_path, Index q0, Index q1,
-                 double flops, const Kernel& kernel) {
+                 const SavedData<Scalar>* saved, double flops, const Kernel& kernel) {
   using Traits = feature_map_traits<Map>;
   const Index B = call.B, N = call.dims.heads, d = call.dims.key_dim, S = call.S;
   const Matrix<Scalar>* P = call.projection;
@@ -356,12 +435,15 @@ void runHeadJobs(const CoreGradCall<Scalar>& call, bool short_path, Index q0, In
       j.rk = rk(b);
       j.qside = FeatureSide<Scalar>{P, true};
       j.kside = FeatureSide<Scalar>{P, false};
+      j.saved = saved;
     }
   // The stabilisers of the forward, and where they were taken.
   std::vector<ArgMax<Scalar>> qmax(static_cast<std::size_t>(B)), kmax(qmax);
   ArgMax<Scalar> key_max;
   if constexpr (Traits::max_shifted || Traits::pair_statistics) {
-    if (Traits::max_shifted || P) {
+    if (Traits::max_shifted && saved) {
+      savedSides<Map>(jobs, *saved, qmax, kmax);
+    } else if (Traits::max_shifted || P) {
       for (HeadJob<Scalar>& j : jobs) scanSides<Map>(j, qmax, kmax, key_max);
       for (HeadJob<Scalar>& j : jobs) {
         j.qside.shift = qmax[std::size_t(j.b)].value;
@@ -401,7 +483,13 @@ void backwardPart(const CoreGradCall<Scalar>& call, bool short_path, Index q0, I
   const double flops = 6.0 * double(call.B * call.dims.heads) * double(Tq + S) * double(F) *
                        double(d + dv) *
                        (quadratic ? double(std::max<Index>(1, std::min(Tq, S))) : 1.0);
-  runHeadJobs<Map>(call, short_path, q0, q1, flops, [&](HeadJob<Scalar>& j) {
+  // The forward saves the low-rank form's features only (not expplus's with a projection,
+  // whose forward takes another path); under a non-finite shift they are recomputed.
+  const SavedData<Scalar>* s = call.saved;
+  const bool pair = feature_map_traits<Map>::pair_statistics && call.projection;
+  const SavedData<Scalar>* saved =
+      s && s->holds && !quadratic && !pair && s->q0 == q0 && s->finiteShifts() ? s : nullptr;
+  runHeadJobs<Map>(call, short_path, q0, q1, saved, flops, [&](HeadJob<Scalar>& j) {
     if (quadratic) {
       quadraticBackward<Map>(j, short_path);
     } else {

@@ -160,6 +160,12 @@ struct BidirectionalCore {
       }
     }
     const Index Tq = q1 - q0, Ndv = pass.dims.heads * pass.dims.value_dim;
+    SavedData<Scalar>* saved = quadratic ? nullptr : pass.saved;
+    if (saved) {
+      saved->allocate(pass.in.B, pass.in.T, pass.in.S, pass.dims.heads, pass.features(),
+                      pass.dims.value_dim, q0, kStreamRows,
+                      feature_map_traits<Map>::max_shifted);
+    }
     pass.forBatchRows([&](Index b, const ThreadPool* inner) {
       Workspace<Scalar> ws(*pass.workspaces);
       RowWork<Scalar>& w = *ws;
@@ -185,6 +191,7 @@ struct BidirectionalCore {
       }
       finish(w, b, inner);
     });
+    if (saved) saved->holds = true;
   }
 
   /// Mask and attention of one batch row from its features (w.qf, w.kf) and values (w.vs),

@@ -289,7 +289,8 @@ void causalCoreBackward(const CoreGradCall<Scalar>& call, const CausalWindowed& 
   const Index F = featureDim(d, call.projection);
   const double flops = 12.0 * double(call.B * call.dims.heads) * double(call.T) * double(F) *
                        double(d + dv);
-  runHeadJobs<Map>(call, false, 0, call.T, flops,
+  const SavedData<Scalar>* none = nullptr;  // a causal forward saves no features
+  runHeadJobs<Map>(call, false, 0, call.T, none, flops,
                    [&](HeadJob<Scalar>& j) {
                      if (ch.chunk == 1 && !ch.sliding()) {
                        tokenBackward<Map>(j, ch);

@@ -177,6 +177,10 @@ void KernelAttention<Scalar, FeatureMap, Masking>::run(detail::Pass<Scalar> pass
                         ? detail::givenCallProjection(m_config, m_projection, on, call, redrawn)
                         : detail::callProjection(m_config, m_projection, on, call, redrawn);
   pass.dropout = detail::Dropout{m_config.dropout, m_config.seed, call, on && m_config.dropout > 0};
+  if (pass.saved) {
+    pass.saved->holds = false;
+    pass.saved->call = random_call ? std::optional<std::uint64_t>(call) : std::nullopt;
+  }
   if (pass.in.B == 0 || pass.in.T == 0) return;
   if constexpr (Masking::causal) {
     if (state) {

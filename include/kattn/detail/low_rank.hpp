@@ -60,6 +60,7 @@ void accumulateKeys(const Map& map, const Pass<Scalar>& pass, Index b, Index n, 
     pass.headRows(Side::Value, b, n, s0, len, Scalar(1), v);
     f.resize(len, F);
     const FeatureInput<Scalar> fin{x, P, false};
+    SavedData<Scalar>* saved = pass.saved;
     if constexpr (feature_map_traits<Map>::max_shifted) {
       map.logits(fin, Blk(f));
       const Scalar m = f.maxCoeff();
@@ -72,9 +73,15 @@ void accumulateKeys(const Map& map, const Pass<Scalar>& pass, Index b, Index n, 
         shift = m;
       }
       map.finish(fin, Blk(f), shift);
+      if (saved) {
+        const Index i = (b * pass.dims.heads + n) * saved->keyBlocks() + s0 / L;
+        saved->kshift(i) = shift;
+        saved->kmax(i) = m;
+      }
     } else {
       map(fin, Blk(f));
     }
+    if (saved) Eigen::Map<Matrix<Scalar>>(saved->keyFeatures(b, n, s0), len, F) = f;
     if (mask_row) {
       for (Index s = 0; s < len; ++s)
         if (mask_row[s0 + s] != Scalar(1)) f.row(s) *= mask_row[s0 + s];
@@ -177,6 +184,16 @@ void lowRankPass(const Map& map, const Pass<Scalar>& pass, Index b, Index q0, In
   const Scalar r = std::sqrt(sb), eps = Scalar(kNormaliserEps);
   const KeyGroupSums<Scalar> sums = lowRankKeys(map, pass, b, r, pool);
   const Index G = sums.groups;
+  SavedData<Scalar>* saved = pass.saved;
+  if (saved) {
+    for (Index n = 0; n < N; ++n) {
+      const std::size_t h = static_cast<std::size_t>(n * G);
+      const Index i = b * N + n;
+      Eigen::Map<Mat>(saved->kv.data() + i * F * dv, F, dv) = sums.kv[h];
+      saved->z.segment(i * F, F) = sums.z[h];
+      if (shifted) saved->kv_shift(i) = sums.shift[h];
+    }
+  }
   Mat den(shifted ? Tq : 0, N);       // q'z per (row, head), exp maps only
   Mat mq(shifted ? q_blocks : 0, N);  // shift of each query block and head
   forEach(N * q_blocks, pool, [&](Index task) {
@@ -194,6 +211,7 @@ void lowRankPass(const Map& map, const Pass<Scalar>& pass, Index b, Index q0, In
       const Scalar m = f.maxCoeff();
       mq(j, n) = m;
       map.finish(fin, Blk(f), m);
+      if (saved) saved->qshift((b * N + n) * q_blocks + j) = m;
       out.noalias() = f * sums.kv[h];
       den.block(t0, n, len, 1).noalias() = f * sums.z[h];
     } else {
@@ -203,6 +221,7 @@ void lowRankPass(const Map& map, const Pass<Scalar>& pass, Index b, Index q0, In
       d.noalias() = f * sums.z[h];
       for (Index t = 0; t < len; ++t) out.row(t) /= d(t) + eps;
     }
+    if (saved) Eigen::Map<Mat>(saved->queryFeatures(b, n, t0), len, F) = f;
   });
   if constexpr (shifted) {
     Scalar Mk = -std::numeric_limits<Scalar>::infinity();

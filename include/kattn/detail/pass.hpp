@@ -12,6 +12,7 @@
 
 #include "../masking.hpp"
 #include "../parallel.hpp"
+#include "../saved_features.hpp"
 #include "../tensor.hpp"
 #include "../weights.hpp"
 #include "dense.hpp"
@@ -124,6 +125,7 @@ struct Pass {
   WorkspacePool<Scalar>* workspaces = nullptr;
   CoreForm form = CoreForm::Auto;
   Dropout dropout;
+  SavedData<Scalar>* saved = nullptr;  ///< where the low-rank form keeps its features, or null
 
   /// Features per head.
   Index features() const { return featureDim(dims.key_dim, projection); }

@@ -3,7 +3,8 @@
 /// beside the forward alone in the same run, so that their ratio is measured under the same
 /// load. `<G>/kattn/T` times the forward into caller memory followed by the backward;
 /// `<G>/forward/T` times the forward alone. `G1/saved/T` times the forward keeping its
-/// features (kattn::SavedFeatures) and the backward reading them: storing against recomputing.
+/// features (kattn::SavedFeatures) and the backward reading them: storing against recomputing;
+/// `G1/saving/T` the forward keeping them, alone.
 ///
 /// G1: W1's core (bench_bidirectional.cpp): attend on projected heads q, k, v [1, T, 8, 64],
 /// exp with a projection, m = 256; backward = kattn::attendBackward.
@@ -33,13 +34,30 @@ namespace {
 constexpr Index kLengths[] = {1024, 4096, 16384};
 constexpr Index kModelDim = 512;
 
-/// What a benchmark times: the forward alone, or the forward and then the backward, the
-/// backward recomputing the features or reading those the forward saved.
-enum class Pass { Forward, ForwardBackward, SavedForwardBackward };
+/// What a benchmark times: the forward alone (keeping its features or not), or the forward
+/// and then the backward, the backward recomputing the features or reading those the forward
+/// saved.
+enum class Pass { Forward, SavingForward, ForwardBackward, SavedForwardBackward };
 
 /// The implementation name of a pass in benchmark names.
 const char* passName(Pass pass) {
-  return pass == Pass::Forward ? "forward" : pass == Pass::ForwardBackward ? "kattn" : "saved";
+  switch (pass) {
+    case Pass::Forward: return "forward";
+    case Pass::SavingForward: return "saving";
+    case Pass::ForwardBackward: return "kattn";
+    case Pass::SavedForwardBackward: break;
+  }
+  return "saved";
+}
+
+/// Whether a pass keeps the forward's features.
+bool saves(Pass pass) {
+  return pass == Pass::SavingForward || pass == Pass::SavedForwardBackward;
+}
+
+/// Whether a pass runs the backward.
+bool runsBackward(Pass pass) {
+  return pass == Pass::ForwardBackward || pass == Pass::SavedForwardBackward;
 }
 
 /// timeIntoBuffer for a step whose checked result moves from call to call (a returned
@@ -73,18 +91,21 @@ void BM_CoreGradients(benchmark::State& state, int threads, Index T, int m, Pass
   const double F = double(layer.numFeatures());
   const bool projected = m > 0;
   double work = flops::bidirectionalCore(kBatch, kHeads, T, T, kKeyDim, F, kValueDim, projected);
-  if (pass != Pass::Forward) {
+  if (runsBackward(pass)) {
     work += flops::bidirectionalCoreBackward(kBatch, kHeads, T, T, kKeyDim, F, kValueDim,
                                              projected);
   }
   kattn::Tensor<float, 4> out(kBatch, T, kHeads, kValueDim);
   out.setZero();
   kattn::SavedFeatures<float> features;
-  kattn::SavedFeatures<float>* saved = pass == Pass::SavedForwardBackward ? &features : nullptr;
+  kattn::SavedFeatures<float>* saved = saves(pass) ? &features : nullptr;
   auto forward = [&] {
     layer.attend(q, k, v, std::nullopt, false, kattn::TensorMap<float, 4>(out), saved);
   };
-  if (pass == Pass::Forward) {
+  // A training loop keeps its SavedFeatures from step to step: their buffers are touched
+  // first here, as the gradients' are below, not in the timed calls.
+  if (saved) forward();
+  if (!runsBackward(pass)) {
     timeIntoBuffer(state, forward, out.data(), std::size_t(out.size()), double(kBatch * T), work);
     return;
   }
@@ -98,9 +119,6 @@ void BM_CoreGradients(benchmark::State& state, int threads, Index T, int m, Pass
                           kattn::TensorMap<float, 4>(dk), kattn::TensorMap<float, 4>(dv),
                           std::nullopt, saved);
   };
-  // A training loop keeps its SavedFeatures from step to step: their buffers are touched
-  // first here, as the gradients' are above, not in the timed calls.
-  if (saved) forward();
   // The gradient of v is one that every form and map computes in full: its check stands for
   // the backward's.
   timeIntoBuffer(state, step, dv.data(), std::size_t(dv.size()), double(kBatch * T), work);
@@ -143,7 +161,8 @@ void BM_LayerGradients(benchmark::State& state, int threads, Index T, Pass pass)
 /// load drifts over minutes).
 void registerGradients() {
   for (Index T : kLengths) {
-    for (const Pass pass : {Pass::Forward, Pass::ForwardBackward, Pass::SavedForwardBackward}) {
+    for (const Pass pass : {Pass::Forward, Pass::SavingForward, Pass::ForwardBackward,
+                            Pass::SavedForwardBackward}) {
       registerBenchmark(benchName("G1", passName(pass), T), Timing{},
                         [T, pass](benchmark::State& state, int threads) {
                           BM_CoreGradients<kattn::Exp, kattn::Bidirectional>(state, threads, T, 256, pass);

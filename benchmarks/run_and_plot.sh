@@ -269,8 +269,10 @@ sections = [
      "W5", ["kattn", "reused", "recurrent"]),
     ("W6: whole layer, model dim 512, exp, m = 256", "W6", ["kattn"]),
     ("W6c: whole causal layer, model dim 512, relu", "W6c", ["kattn"]),
-    ("G1: W1's core, forward + backward (kattn) and forward alone", "G1", ["kattn", "forward"]),
-    ("G3: W3's map and dims (relu, no projection) on the bidirectional core, forward + backward "
+    ("G1: W1's core, forward + backward recomputing the features (kattn) or reading those the "
+     "forward saved (saved), and forward alone, keeping its features (saving) or not", "G1",
+     ["kattn", "saved", "saving", "forward"]),
+    ("G3: W3's causal core (relu, no projection, chunks of one token), forward + backward "
      "and forward alone", "G3", ["kattn", "forward"]),
     ("G6: W6's whole layer, forward + backward and forward alone", "G6", ["kattn", "forward"]),
     ("MEM: causal layer at T = 1,000,000 (4 heads, d = 32, m = 64, model dim 128)", "MEM",

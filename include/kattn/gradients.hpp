@@ -3,8 +3,9 @@
 /// Gradients of the layer (docs/training.md), bidirectional or causal, in inference or
 /// training mode: `backward` for the whole layer, `attendBackward` for the core on heads the
 /// caller projected. Both recompute the forward from its inputs, so nothing but the inputs
-/// needs to be kept between forward and backward; the causal core's backward holds, beyond
-/// inputs and outputs, memory bounded in T (detail/causal_backward.hpp).
+/// needs to be kept between forward and backward, unless attend() kept its features in a
+/// SavedFeatures for attendBackward to read; the causal core's backward holds, beyond inputs
+/// and outputs, memory bounded in T (detail/causal_backward.hpp).
 ///
 /// Conventions (the reference's TensorFlow graph, differentiated): the random projection is a
 /// constant; expplus's coefficients A, B, D are constants (TF's stop_gradient); the exp

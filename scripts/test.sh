@@ -46,7 +46,7 @@ run_suite gcc-sanitize g++ -DCMAKE_BUILD_TYPE=None -DCMAKE_CXX_FLAGS=-Og -DKATTN
           -DKATTN_CHECK_HEADERS=OFF
 run_suite clang-tsan clang++ -DCMAKE_BUILD_TYPE=None "-DCMAKE_CXX_FLAGS=-O1 -DNDEBUG" \
           -DKATTN_SANITIZE=thread -DKATTN_PACKAGE_TEST=OFF -DKATTN_BUILD_EXAMPLES=OFF \
-          "-DKATTN_TESTS=concurrency_test;golden_test;sizes_test;masks_test;non_finite_test;causal_extremes_test;gradients_training_test"
+          "-DKATTN_TESTS=concurrency_test;golden_test;sizes_test;masks_test;non_finite_test;causal_extremes_test;gradients_training_test;saved_features_test"
 
 # Debian's interpreter: the packages install-deps.sh adds (numpy, pybind11) are its, and a
 # python3 earlier in PATH (pyenv, a venv) may lack them.

@@ -178,7 +178,7 @@ Dropout trainingDraws(const KernelAttention<Scalar, FeatureMap, Masking>& layer,
   return Dropout{c.dropout, c.seed, training->number, c.dropout > 0};
 }
 
-/// "training call 5" or "an inference call" (the forward's draws of a SavedFeatures).
+/// "training call 5" or "a call without draws" (the forward's draws of a SavedFeatures).
 inline std::string drawsString(const std::optional<std::uint64_t>& call) {
   return call ? "training call " + std::to_string(*call) : std::string("a call without draws");
 }

@@ -4,11 +4,9 @@
 /// form, so that the backward reads them instead of recomputing them (docs/training.md,
 /// "Storing the features").
 
-#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <optional>
-#include <stdexcept>
 #include <string>
 
 #include "limits.hpp"
@@ -112,7 +110,8 @@ const SavedData<Scalar>& savedData(const SavedFeatures<Scalar>& s) {
  * Pass one to attend() into caller memory; it is overwritten by each call, its buffers reused
  * when the sizes repeat. It holds features only when the call took the low-rank form (not the
  * explicit T x S form, the short-sequence softmax, expplus with a projection, or a causal
- * layer); when it holds none, attendBackward() recomputes, with the same result.
+ * layer); when it holds none, attendBackward() recomputes, with the same result. Like an
+ * output buffer, one object serves one call at a time.
  */
 template <typename Scalar>
 class SavedFeatures {

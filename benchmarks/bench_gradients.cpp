@@ -4,7 +4,7 @@
 /// load. `<G>/kattn/T` times the forward into caller memory followed by the backward;
 /// `<G>/forward/T` times the forward alone. `G1/saved/T` times the forward keeping its
 /// features (kattn::SavedFeatures) and the backward reading them: storing against recomputing;
-/// `G1/saving/T` the forward keeping them, alone.
+/// `G1/saving/T` the forward keeping them, alone. `G6/saved/T` is G6's storing counterpart.
 ///
 /// G1: W1's core (bench_bidirectional.cpp): attend on projected heads q, k, v [1, T, 8, 64],
 /// exp with a projection, m = 256; backward = kattn::attendBackward.
@@ -133,23 +133,26 @@ void BM_LayerGradients(benchmark::State& state, int threads, Index T, Pass pass)
   const auto grad = layerInput(11, T, kModelDim);
   const double F = double(layer.numFeatures());
   double work = flops::layer(kBatch, kHeads, T, kModelDim, kKeyDim, F, kValueDim, kModelDim, true);
-  if (pass == Pass::ForwardBackward) {
+  if (runsBackward(pass)) {
     work += flops::layerBackward(kBatch, kHeads, T, kModelDim, kKeyDim, F, kValueDim, kModelDim,
                                  true);
   }
   kattn::Tensor<float, 3> out(kBatch, T, kModelDim);
   out.setZero();
+  kattn::SavedFeatures<float> features;
+  kattn::SavedFeatures<float>* saved = saves(pass) ? &features : nullptr;
   auto forward = [&] {
-    layer.forward(x, x, std::nullopt, std::nullopt, false, kattn::TensorMap<float, 3>(out));
+    layer.forward(x, x, std::nullopt, std::nullopt, false, kattn::TensorMap<float, 3>(out), saved);
   };
-  if (pass == Pass::Forward) {
+  if (saved) forward();  // as in BM_CoreGradients
+  if (!runsBackward(pass)) {
     timeIntoBuffer(state, forward, out.data(), std::size_t(out.size()), double(kBatch * T), work);
     return;
   }
   kattn::Gradients<float> grads;
   auto step = [&] {
     forward();
-    grads = kattn::backward(layer, x, x, std::nullopt, std::nullopt, grad);
+    grads = kattn::backward(layer, x, x, std::nullopt, std::nullopt, grad, std::nullopt, saved);
   };
   timeReturned(state, step, [&]() -> const kattn::Tensor<float, 3>& { return grads.value; },
                double(kBatch * T), work);
@@ -178,7 +181,7 @@ void registerGradients() {
     }
   }
   for (Index T : kLengths) {
-    for (const Pass pass : {Pass::Forward, Pass::ForwardBackward}) {
+    for (const Pass pass : {Pass::Forward, Pass::ForwardBackward, Pass::SavedForwardBackward}) {
       registerBenchmark(benchName("G6", passName(pass), T), Timing{},
                         [T, pass](benchmark::State& state, int threads) {
                           BM_LayerGradients(state, threads, T, pass);

@@ -274,7 +274,8 @@ sections = [
      ["kattn", "saved", "saving", "forward"]),
     ("G3: W3's causal core (relu, no projection, chunks of one token), forward + backward "
      "and forward alone", "G3", ["kattn", "forward"]),
-    ("G6: W6's whole layer, forward + backward and forward alone", "G6", ["kattn", "forward"]),
+    ("G6: W6's whole layer, forward + backward recomputing (kattn) or reading saved features "
+     "(saved), and forward alone", "G6", ["kattn", "saved", "forward"]),
     ("MEM: causal layer at T = 1,000,000 (4 heads, d = 32, m = 64, model dim 128)", "MEM",
      ["kattn"]),
 ]

@@ -1,7 +1,8 @@
-// attend() keeping its features (SavedFeatures) and attendBackward() reading them: the same
-// heads as attend() without them, the same gradients as recomputing, for every map, across
-// blocks of rows with different shifts, with masks, begin_kernel and training draws; nothing
-// kept where the forward has no low-rank form; and the errors of a mismatched backward.
+// attend() and forward() keeping their features (SavedFeatures), attendBackward() and
+// backward() reading them: the same heads and outputs as without them, the same gradients as
+// recomputing, for every map, across blocks of rows with different shifts, with masks,
+// begin_kernel and training draws, on any number of threads; nothing kept where the forward
+// has no low-rank form; and the errors of a mismatched backward.
 
 #include <cmath>
 #include <cstdint>
@@ -148,6 +149,65 @@ TEST(SavedFeatures, BeginKernelScaleByLengthAndTrainingDraws) {
   ASSERT_TRUE(saved.holdsFeatures());
   EXPECT_LE(gradError(backwardOf(layer, h, call, &saved), backwardOf(layer, h, call, nullptr)),
             1e-12);
+}
+
+/// The largest relative error over the input and weight gradients of two layer backwards.
+double layerGradError(const kattn::Gradients<double>& got, const kattn::Gradients<double>& want) {
+  double err = std::max({relError(got.query.data(), want.query.data(), want.query.size()),
+                         relError(got.value.data(), want.value.data(), want.value.size()),
+                         relError(got.key.data(), want.key.data(), want.key.size())});
+  const auto g = got.named(), w = want.named();
+  EXPECT_EQ(g.size(), w.size());
+  for (std::size_t i = 0; i < std::min(g.size(), w.size()); ++i) {
+    err = std::max(err, relError(g[i].values.data(), w[i].values.data(), w[i].values.size()));
+  }
+  return err;
+}
+
+TEST(SavedFeatures, LayerBackwardFromSavedFeaturesEqualsRecomputing) {
+  // The whole layer: forward into memory keeping the core's features, backward reading them;
+  // with a separate key input, a mask, begin_kernel, and a training call with dropout and
+  // redraw.
+  constexpr Index B = 2, T = 300, S = 280, Dq = 6, Dv = 5, Dk = 7;
+  std::mt19937_64 gen(130);
+  const Tensor<double, 3> query = randomTensor<3>(gen, 1.0, {B, T, Dq});
+  const Tensor<double, 3> value = randomTensor<3>(gen, 1.0, {B, S, Dv});
+  const Tensor<double, 3> key = randomTensor<3>(gen, 1.0, {B, S, Dk});
+  const Tensor<double, 3> grad = randomTensor<3>(gen, 1.0, {B, T, 5});
+  const Heads<double> masks = makeHeads(131, B, 1, S);
+  auto check = [&](auto layer, kattn::Training training, std::optional<kattn::TrainingCall> call) {
+    layer.setCoreForm(kattn::CoreForm::LowRank);
+    layer.initializeWeights(Dq, Dv, Dk);
+    kattn::SavedFeatures<double> saved;
+    Tensor<double, 3> out(B, T, 5), plain(B, T, 5);
+    layer.forward(query, value, key, masks.mask, training, kattn::TensorMap<double, 3>(out),
+                  &saved);
+    layer.forward(query, value, key, masks.mask, training, kattn::TensorMap<double, 3>(plain));
+    EXPECT_TRUE(sameBits(out, plain));
+    EXPECT_TRUE(saved.holdsFeatures());
+    const auto got = kattn::backward(layer, query, value, key, masks.mask, grad, call, &saved);
+    const auto want = kattn::backward(layer, query, value, key, masks.mask, grad, call);
+    EXPECT_LE(layerGradError(got, want), 1e-12);
+    // And it reads them (TheBackwardReadsThem below says why not whole rows).
+    auto& qf = kattn::detail::savedData(saved).qf;
+    for (Index i = 0; i < qf.size(); i += 3) qf(i) *= 2.0;
+    EXPECT_GT(layerGradError(
+                  kattn::backward(layer, query, value, key, masks.mask, grad, call, &saved), want),
+              1e-3);
+  };
+  {
+    SCOPED_TRACE("relu");
+    check(kattn::KernelAttention<double, kattn::Relu>(config("relu", 16)), false, std::nullopt);
+  }
+  {
+    SCOPED_TRACE("exp, begin_kernel, dropout, redraw");
+    kattn::LayerConfig c = config("exp", 16);
+    c.begin_kernel = 40;
+    c.dropout = 0.3;
+    c.redraw = true;
+    check(kattn::KernelAttention<double, kattn::Exp>(c), kattn::TrainingCall{2},
+          kattn::TrainingCall{2});
+  }
 }
 
 TEST(SavedFeatures, ThreadsSaveAndReadTheSameNumbers) {

@@ -34,7 +34,7 @@ namespace kattn {
   PREFIX template void KernelAttention<S, M, K>::forwardInto(                                  \
       const ConstTensorMap<S, 3>&, const ConstTensorMap<S, 3>&,                                \
       const std::optional<ConstTensorMap<S, 3>>&, const std::optional<ConstTensorMap<S, 2>>&,  \
-      Training, StreamingState<S>*, TensorMap<S, 3>) const;                                    \
+      Training, StreamingState<S>*, TensorMap<S, 3>, SavedFeatures<S>*) const;                 \
   PREFIX template void KernelAttention<S, M, K>::run(detail::Pass<S>, Training,                \
                                                      StreamingState<S>*)                       \
       const;

@@ -408,12 +408,16 @@ HeadGradients<Scalar> attendBackward(
  *        read just before it): the backward then uses that call's redrawn projection and
  *        dropout mask, and advances no counter. Any number fits a layer without dropout and
  *        redraw.
+ * \param saved null, or what the forward of these inputs kept (SavedFeatures): the core's
+ *        features are read instead of recomputed when it holds any
  * \throws std::invalid_argument naming the tensor where forward would, for a grad_output of
  *         another shape, or a non-finite one, and naming training_call for a number beyond
- *         redrawProjection's (with redraw); std::logic_error for a layer without weights.
- * \note Recomputes the forward from the inputs (docs/training.md): beyond the inputs, the
- *       gradients and the output-sized grad_output it holds the projected heads q, k, v, the
- *       attention heads and their gradients, O(B (T + S) N (d + d_v)), plus the core's work.
+ *         redrawProjection's (with redraw) or another than `saved`'s call, and saved for
+ *         features of other shapes; std::logic_error for a layer without weights.
+ * \note Recomputes the forward from the inputs (docs/training.md), the core's features
+ *       unless `saved` holds them: beyond the inputs, the gradients and the output-sized
+ *       grad_output it holds the projected heads q, k, v, the attention heads and their
+ *       gradients, O(B (T + S) N (d + d_v)), plus the core's work.
  */
 template <typename Scalar, typename FeatureMap, typename Masking>
 Gradients<Scalar> backward(
@@ -423,7 +427,8 @@ Gradients<Scalar> backward(
     const std::optional<ConstTensorMap<detail::NoDeduce<Scalar>, 3>>& key,
     const std::optional<ConstTensorMap<detail::NoDeduce<Scalar>, 2>>& attention_mask,
     const ConstTensorMap<detail::NoDeduce<Scalar>, 3>& grad_output,
-    const std::optional<TrainingCall>& training_call = std::nullopt) {
+    const std::optional<TrainingCall>& training_call = std::nullopt,
+    const SavedFeatures<detail::NoDeduce<Scalar>>* saved = nullptr) {
   using Mat = Matrix<Scalar>;
   using CMap = Eigen::Map<const Mat>;
   using MapMat = Eigen::Map<Mat>;
@@ -444,6 +449,7 @@ Gradients<Scalar> backward(
   detail::CoreGradCall<Scalar> call = detail::gradCall(layer, B, T, S, in.mask);
   Mat redrawn;
   const detail::Dropout dropout = detail::trainingDraws(layer, training_call, call, redrawn);
+  if (saved) call.saved = detail::checkedSaved(layer, *saved, B, T, S, training_call);
 
   // Every dense product runs on the layer's pool, in slices fixed by the shapes
   // (detail/dense.hpp), so that the gradients do not depend on the thread count.

@@ -229,13 +229,15 @@ class KernelAttention {
     return out;
   }
 
-  /// As `forward`, writing into caller memory `output` [B, T, O].
+  /// As `forward`, writing into caller memory `output` [B, T, O]. With `saved`, also keeps
+  /// the call's features there for kattn::backward (SavedFeatures).
   template <typename Query, typename Value, typename Key, typename Mask>
   void forward(const Query& query, const Value& value, const Key& key,
-               const Mask& attention_mask, Training training, TensorMap<Scalar, 3> output) const {
+               const Mask& attention_mask, Training training, TensorMap<Scalar, 3> output,
+               SavedFeatures<Scalar>* saved = nullptr) const {
     withInputs(query, value, key, attention_mask, [&](const auto& q, const auto& v,
                                                       const auto& k, const auto& m) {
-      forwardInto(q, v, k, m, training, nullptr, output);
+      forwardInto(q, v, k, m, training, nullptr, output, saved);
     });
   }
 
@@ -496,7 +498,8 @@ class KernelAttention {
   void forwardInto(const ConstTensorMap<Scalar, 3>& query, const ConstTensorMap<Scalar, 3>& value,
                    const std::optional<ConstTensorMap<Scalar, 3>>& key,
                    const std::optional<ConstTensorMap<Scalar, 2>>& mask, Training training,
-                   StreamingState<Scalar>* state, TensorMap<Scalar, 3> output) const;
+                   StreamingState<Scalar>* state, TensorMap<Scalar, 3> output,
+                   SavedFeatures<Scalar>* saved = nullptr) const;
 
   /// The call of attend() after its boundary checks (detail/call_checks.hpp).
   detail::Pass<Scalar> headsPass(const ConstTensorMap<Scalar, 4>& q,

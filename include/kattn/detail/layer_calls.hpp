@@ -142,7 +142,8 @@ void KernelAttention<Scalar, FeatureMap, Masking>::forwardInto(
     const ConstTensorMap<Scalar, 3>& query, const ConstTensorMap<Scalar, 3>& value,
     const std::optional<ConstTensorMap<Scalar, 3>>& key,
     const std::optional<ConstTensorMap<Scalar, 2>>& mask, Training training,
-    StreamingState<Scalar>* state, TensorMap<Scalar, 3> output) const {
+    StreamingState<Scalar>* state, TensorMap<Scalar, 3> output,
+    SavedFeatures<Scalar>* saved) const {
   buildOnFirstCall(query.dimension(2), value.dimension(2),
                    key ? key->dimension(2) : value.dimension(2));
   const Index O = outputDimOrThrow();
@@ -153,7 +154,9 @@ void KernelAttention<Scalar, FeatureMap, Masking>::forwardInto(
   const detail::CallInputs<Scalar> in = detail::inputsCall<Scalar>(
       query, value, key, mask, Masking::causal, queryInputDim(), valueInputDim(), keyInputDim());
   checkShape<3>("output", output.dimensions(), {in.B, in.T, O});
-  run(newPass(in, output), training, state);
+  detail::Pass<Scalar> pass = newPass(in, output);
+  pass.saved = saved ? &detail::savedData(*saved) : nullptr;
+  run(pass, training, state);
 }
 
 template <typename Scalar, typename FeatureMap, typename Masking>

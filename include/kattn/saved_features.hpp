@@ -1,8 +1,8 @@
 #pragma once
 /// \file
-/// What attend() can keep for attendBackward(): the features of the bidirectional low-rank
-/// form, so that the backward reads them instead of recomputing them (docs/training.md,
-/// "Storing the features").
+/// What attend() and forward() can keep for attendBackward() and backward(): the features of
+/// the bidirectional low-rank form, so that the backward reads them instead of recomputing
+/// them (docs/training.md, "Storing the features").
 
 #include <cstddef>
 #include <cstdint>
@@ -102,15 +102,16 @@ const SavedData<Scalar>& savedData(const SavedFeatures<Scalar>& s) {
 }  // namespace detail
 
 /**
- * \brief The features a bidirectional attend() computed, kept for attendBackward() so that
- * it does not recompute them: about (T + S) N F numbers per batch row (128 MB a side for
+ * \brief The features a bidirectional attend() or forward() computed, kept for
+ * attendBackward() or backward() so that it does not recompute them: about (T + S) N F numbers per batch row (128 MB a side for
  * T = 16384, 8 heads, m = 256 in float), against half the backward's work for the exp maps
  * (docs/training.md, "Storing the features").
  *
- * Pass one to attend() into caller memory; it is overwritten by each call, its buffers reused
+ * Pass one to attend() or forward() into caller memory, then to the backward of that call;
+ * it is overwritten by each call, its buffers reused
  * when the sizes repeat. It holds features only when the call took the low-rank form (not the
  * explicit T x S form, the short-sequence softmax, expplus with a projection, or a causal
- * layer); when it holds none, attendBackward() recomputes, with the same result. Like an
+ * layer); when it holds none, the backward recomputes, with the same result. Like an
  * output buffer, one object serves one call at a time.
  */
 template <typename Scalar>

@@ -457,14 +457,7 @@ class KernelAttention {
 
   /// Keras's lazy build: the first forward of a layer without weights draws them from the
   /// initializers for its inputs' dims (once, whichever thread gets there first).
-  void buildOnFirstCall(Index query_dim, Index value_dim, Index key_dim) const {
-    if (hasWeights()) return;
-    std::lock_guard<std::mutex> lock(*m_build_mutex);
-    if (hasWeights()) return;
-    const Weights<Scalar> w = drawWeights<Scalar>(m_config, query_dim, value_dim, key_dim);
-    m_drawn_on_first_call = true;
-    install(w, w.output_kernel.dimension(2));
-  }
+  void buildOnFirstCall(Index query_dim, Index value_dim, Index key_dim) const;
 
   /// Publishes checked weights; the flag's release pairs with hasWeights()'s acquire.
   void install(Weights<Scalar> w, Index O) const {
@@ -487,12 +480,7 @@ class KernelAttention {
                               const std::optional<ConstTensorMap<Scalar, 3>>& key) const;
 
   /// The owning attend()'s heads [B, T, N, d_v], within the memory limit.
-  Tensor<Scalar, 4> newHeads(Index B, Index T) const {
-    const std::array<Index, 4> dims{B, T, m_dims.heads, m_dims.value_dim};
-    checkAllocation(double(B) * double(T) * double(m_dims.heads) * double(m_dims.value_dim),
-                    sizeof(Scalar), [&] { return "the heads [B, T, N, d_v] = " + shapeString(dims); });
-    return Tensor<Scalar, 4>(dims);
-  }
+  Tensor<Scalar, 4> newHeads(Index B, Index T) const;
 
   /// forward(): the lazy build, the input checks, then run().
   void forwardInto(const ConstTensorMap<Scalar, 3>& query, const ConstTensorMap<Scalar, 3>& value,

@@ -1,12 +1,13 @@
 #pragma once
 /// \file
 /// \private The KernelAttention members defined outside the class: the calls' entry points
-/// (the input views, newOutput, forwardInto, step) and the dispatcher run(). Out of the class so that
-/// KATTN_EXTERN_TEMPLATES can keep the heavy ones out of a translation unit; included at the
-/// end of layer.hpp.
+/// (the input views, the lazy build, newOutput, newHeads, forwardInto, step) and the
+/// dispatcher run(). Out of the class so that KATTN_EXTERN_TEMPLATES can keep the heavy ones
+/// out of a translation unit; included at the end of layer.hpp.
 
 #include <array>
 #include <cstdint>
+#include <mutex>
 #include <optional>
 #include <stdexcept>
 
@@ -122,6 +123,26 @@ void KernelAttention<Scalar, FeatureMap, Masking>::step(const Eigen::MatrixBase<
   const TensorMap<Scalar, 3> rows = in.outputRows(y);
   forwardInto(q, v, std::nullopt, std::nullopt, false, &state, rows);
   in.copyOut(rows, y);
+}
+
+template <typename Scalar, typename FeatureMap, typename Masking>
+void KernelAttention<Scalar, FeatureMap, Masking>::buildOnFirstCall(Index query_dim,
+                                                                    Index value_dim,
+                                                                    Index key_dim) const {
+  if (hasWeights()) return;
+  std::lock_guard<std::mutex> lock(*m_build_mutex);
+  if (hasWeights()) return;
+  const Weights<Scalar> w = drawWeights<Scalar>(m_config, query_dim, value_dim, key_dim);
+  m_drawn_on_first_call = true;
+  install(w, w.output_kernel.dimension(2));
+}
+
+template <typename Scalar, typename FeatureMap, typename Masking>
+Tensor<Scalar, 4> KernelAttention<Scalar, FeatureMap, Masking>::newHeads(Index B, Index T) const {
+  const std::array<Index, 4> dims{B, T, m_dims.heads, m_dims.value_dim};
+  checkAllocation(double(B) * double(T) * double(m_dims.heads) * double(m_dims.value_dim),
+                  sizeof(Scalar), [&] { return "the heads [B, T, N, d_v] = " + shapeString(dims); });
+  return Tensor<Scalar, 4>(dims);
 }
 
 template <typename Scalar, typename FeatureMap, typename Masking>
